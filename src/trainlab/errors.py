@@ -1,0 +1,19 @@
+"""Errors that are the user's to fix: printed as one paragraph, never as a traceback."""
+
+import os
+import sys
+
+
+class UserError(Exception):
+    """A problem with the command, the config or the files that the user can fix.
+
+    The message says what is wrong and what to do; the entry points print it and exit 2.
+    """
+
+
+def exit_with(error: UserError) -> None:
+    """Print a UserError as one paragraph and exit 2 (or re-raise it under HYDRA_FULL_ERROR=1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2)

@@ -1,0 +1,114 @@
+"""Experiment loggers, from the `logger` config group, plus the local CSV record every run keeps.
+
+W&B never prompts and never hangs: without credentials, or with credentials but no route to
+the server, it logs offline into the run directory and says how to upload later.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+REACH_TIMEOUT_S = 3.0
+
+
+def build_loggers(
+    cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | None = None
+) -> list:
+    """Instantiate `cfg.logger` into run_dir, always including a CSVLogger (run_dir/metrics.csv).
+
+    `group` and `name` label the run in W&B: a sweep's jobs share the group.
+    """
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = [CSVLogger(save_dir=run_dir, name="", version="")]
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if logger_cfg is None or "_target_" not in logger_cfg:
+            continue
+        if logger_cfg._target_.endswith("WandbLogger"):
+            offline, why = wandb_offline_reason()
+            logger = instantiate(
+                logger_cfg,
+                save_dir=str(run_dir),
+                offline=offline,
+                group=group,
+                name=name,
+                tags=list(cfg.get("tags") or []),
+                settings=_wandb_settings(),
+            )
+            assert isinstance(logger, WandbLogger)
+            # Lightning passes anonymous=None, which current wandb warns about on every run.
+            logger._wandb_init.pop("anonymous", None)
+            if offline and why:
+                _announce_offline(logger, why)
+        else:
+            logger = instantiate(logger_cfg, save_dir=str(run_dir))
+        loggers.append(logger)
+    return loggers
+
+
+def wandb_offline_reason() -> tuple[bool, str]:
+    """(offline, why). WANDB_MODE, when set, decides; else credentials and a reachable server."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun"):
+        return True, ""
+    if mode in ("online", "disabled"):
+        return False, ""
+    if not _has_wandb_credentials():
+        return True, "no W&B credentials found (WANDB_API_KEY, `wandb login`)"
+    host = urlparse(_wandb_base_url())
+    if not _reachable(host.hostname or "", host.port or 443):
+        return True, f"{host.hostname} is not reachable"
+    return False, ""
+
+
+def _wandb_base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        path = os.environ.get("NETRC") or None
+        return netrc.netrc(path).authenticators(urlparse(_wandb_base_url()).hostname) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _reachable(host: str, port: int) -> bool:
+    """A TCP connection within REACH_TIMEOUT_S. Run in a thread: name lookups ignore timeouts."""
+    result = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(REACH_TIMEOUT_S)
+    return bool(result)
+
+
+def _wandb_settings() -> Any:
+    import wandb
+
+    # A bound on start-up even when the server is reachable but slow; no console capture,
+    # so that the terminal shows exactly what the run prints.
+    return wandb.Settings(init_timeout=60, console="off", silent=True)
+
+
+def _announce_offline(logger: Any, why: str) -> None:
+    run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-<time>-<id>
+    print(f"W&B: {why}; logging offline. Upload later with: wandb sync {run_dir}")

@@ -1,0 +1,101 @@
+"""The pieces of a run that are not training: threads, the printed config, and metrics.json.
+
+metrics.json is the stable record of a run that later tools read (see README, "Run directories").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+
+
+def set_threads(threads: int | str) -> int:
+    """Set torch's intra-op threads; `auto` is half the usable cores, at least 1 and at most 8.
+
+    On a small shared machine extra threads fight other processes for cores (2 threads on 2
+    cores ran 2 to 16 times slower under load than 1); on a big one a few help a CPU run.
+    """
+    import torch
+
+    if threads == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, min(8, (cores or 2) // 2))
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
+def quiet_lightning() -> None:
+    """One copy of each Lightning message, without its advertising tips or known-harmless warnings.
+
+    Under Hydra the root logger prints to the console and to <run dir>/train.log, so Lightning's
+    own console handlers would print every line twice.
+    """
+    if logging.getLogger().handlers:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics"):
+            logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).propagate = True
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "Tip:" not in record.getMessage())
+    # The run directory already holds .hydra/ when the CSV logger starts writing into it.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def print_config(cfg: Any) -> None:
+    """The composed config as a tree, one branch per top-level key."""
+    import rich
+    import rich.syntax
+    import rich.tree
+    from omegaconf import OmegaConf
+
+    tree = rich.tree.Tree("config", guide_style="dim")
+    for key, value in cfg.items():
+        text = OmegaConf.to_yaml(value, resolve=True) if OmegaConf.is_config(value) else str(value)
+        tree.add(key).add(rich.syntax.Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    rich.print(tree)
+
+
+def flat_hparams(config: dict[str, Any], choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """{"optimizer.lr": 0.001, "optimizer": "adam", ...}: readable columns for W&B's tables.
+
+    `_target_` and `_partial_` entries are dropped: the group choice names them better.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if str(key).startswith("_"):
+                continue
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(config, "")
+    for group, option in (choices or {}).items():
+        if option is not None and not group.startswith("hydra"):
+            flat[group] = option
+    return flat
+
+
+def final_metrics(trainer: Any) -> dict[str, float]:
+    """Lightning's last logged values, with epoch means under their plain names."""
+    metrics = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.endswith("_step"):
+            continue
+        metrics[key.removesuffix("_epoch")] = float(value)
+    return metrics
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write then rename, so that a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

@@ -36,8 +36,9 @@ class EpochLines(ProgressBar):
             for k, v in self.get_metrics(trainer, pl_module).items()
             if k != "v_num" and not k.endswith("_step")
         }
-        shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in metrics.items())
+        shown = "  ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+        )
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         took = time.perf_counter() - self._epoch_start
         print(f"epoch {trainer.current_epoch + 1}{epochs}  {shown}  ({took:.1f}s)", flush=True)

@@ -100,4 +100,7 @@ class Classifier(pl.LightningModule):
                 "or trainer.max_steps, or choose scheduler=none."
             )
         scheduler = self.make_scheduler(optimizer, total_steps=int(total_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

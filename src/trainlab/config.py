@@ -105,7 +105,11 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         if not found and not (o.is_add() or o.is_force_add()):
             raise UserError(_unknown_key_message(key, o.input_line, tree))
         for value in _values(o):
-            if found and (_is_number(default) or isinstance(default, bool)) and isinstance(value, str):
+            if (
+                found
+                and (_is_number(default) or isinstance(default, bool))
+                and isinstance(value, str)
+            ):
                 kind = "true or false" if isinstance(default, bool) else "a number"
                 raise UserError(
                     f"'{key}' expects {kind} (its default is {default!r}), "
@@ -181,7 +185,11 @@ def _unknown_key_message(key: str, text: str, tree: dict) -> str:
     siblings = ""
     if found and isinstance(node, dict):
         names = [k for k in node if not k.startswith("_")]
-        siblings = f" Keys under '{parent or 'the top level'}': {', '.join(names)}."
+        siblings = (
+            f" Keys under '{parent}': {', '.join(names)}."
+            if parent
+            else f" Top-level keys: {', '.join(names)}."
+        )
     return (
         f"'{text}' sets '{key}', which is not in the config.{hint}{siblings} "
         f"To add a new key on purpose, write +{text}."

@@ -71,7 +71,9 @@ def train(
         if trainer.interrupted:
             record["status"] = "interrupted"
         elif cfg.get("test"):
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            best = (
+                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            )
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         if record["status"] == "running":
             record["status"] = "finished"

@@ -59,8 +59,10 @@ class InMemoryDataModule(pl.LightningDataModule):
             data["train"], data["val"] = self._split(*data["train"])
         for name, (x, y) in data.items():
             if tuple(x.shape[1:]) != self.input_shape or x.dtype != torch.uint8:
-                raise ValueError(f"{name} images are {x.dtype} {tuple(x.shape[1:])}, "
-                                 f"expected uint8 {self.input_shape}")
+                raise ValueError(
+                    f"{name} images are {x.dtype} {tuple(x.shape[1:])}, "
+                    f"expected uint8 {self.input_shape}"
+                )
             self.splits[name] = TensorDataset(x, y.long())
         if len(self.splits["train"]) < self.batch_size_per_device:
             raise UserError(

@@ -36,7 +36,9 @@ class TorchvisionDataModule(InMemoryDataModule):
             return self.dataset_class(str(self.data_dir), train=train, download=download)
         except (RuntimeError, OSError) as e:  # torchvision reports missing files as RuntimeError
             name = self.dataset_class.__name__
-            tried = "could not be downloaded" if download else "download is off (data.download=false)"
+            tried = (
+                "could not be downloaded" if download else "download is off (data.download=false)"
+            )
             raise UserError(
                 f"{name} was not found under {self.data_dir} and {tried} ({e}). On a machine "
                 f"with internet, run once with data.download=true and copy the folder over; or "

@@ -1,0 +1,46 @@
+# Two commands on a fresh clone: `make train` and `make test`. Both first build .venv from
+# requirements.lock (once; again only when the lock or pyproject.toml changes).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.ready
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <a CPU-only torch index>" on CI runners.
+PIP_ARGS ?=
+
+.PHONY: setup train test test-all lint format lock clean
+
+setup: $(READY)
+
+$(READY): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --progress-bar off $(PIP_ARGS) -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -c "import torch, torchvision, lightning; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| lightning', lightning.__version__)"
+	touch $@
+
+# The default experiment: an MLP on scikit-learn's bundled digits, offline. ARGS adds overrides.
+train: $(READY)
+	$(BIN)/python -m trainlab.train $(ARGS)
+
+# The fast suite (a few minutes); `make test-all` adds the slow tests.
+test: $(READY)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-all: $(READY)
+	$(BIN)/python -m pytest -m "" $(ARGS)
+
+lint: $(READY)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(READY)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Re-pin after changing dependencies in pyproject.toml: install them into .venv, then run this.
+lock:
+	{ sed -n '1,2p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

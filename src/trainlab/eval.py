@@ -1,0 +1,89 @@
+"""Evaluate a checkpoint: `python -m trainlab.eval ckpt_path=<file> [split=val] [data.batch_size=...]`.
+
+The model and data set are rebuilt from the config stored in the checkpoint; the results go to
+<run dir>/metrics.json like a training run's.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from trainlab.config import CONF_DIR, check_command_line, check_targets, check_values
+from trainlab.errors import UserError, exit_with
+
+
+def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Test (or validate) the checkpoint at cfg.ckpt_path; write and return metrics.json."""
+    check_values(cfg)
+    if cfg.split not in ("test", "val"):
+        raise UserError(f"split must be test or val, but it is {cfg.split!r}.")
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    from trainlab import checkpoint, run
+    from trainlab.callbacks import progress_bar
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run.quiet_lightning()
+    run.set_threads(cfg.threads)
+    if cfg.seed is not None:
+        pl.seed_everything(cfg.seed, verbose=False)
+
+    ckpt = checkpoint.read(cfg.ckpt_path)
+    model = checkpoint.build_model(ckpt)
+    data_cfg = OmegaConf.merge(
+        checkpoint.stored_config(ckpt).data, {"data_dir": cfg.paths.data_dir}, cfg.data
+    )
+    check_targets(data_cfg, "the checkpoint's data config")
+    datamodule = instantiate(data_cfg)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        callbacks=[progress_bar()],
+        default_root_dir=str(run_dir),
+    )
+    run_split = trainer.test if cfg.split == "test" else trainer.validate
+    results = run_split(model, datamodule=datamodule)[0]
+    record = {
+        "status": "finished",
+        "ckpt_path": str(Path(cfg.ckpt_path).resolve()),
+        "split": cfg.split,
+        "overrides": list(overrides),
+        **{k: float(v) for k, v in results.items()},
+    }
+    if trainer.is_global_zero:
+        run.write_json(run_dir / run.METRICS_FILE, record)
+    return record
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    try:
+        record = evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+    except UserError as e:
+        exit_with(e)
+    print(f"metrics written to {Path(hc.runtime.output_dir) / 'metrics.json'}")
+    return record
+
+
+def main() -> None:
+    try:
+        check_command_line("eval", sys.argv[1:])
+    except UserError as e:
+        exit_with(e)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

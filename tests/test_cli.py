@@ -1,0 +1,85 @@
+"""Bad input on the command line: one clear paragraph, exit code 2, no traceback, no training."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import run_cli
+
+BAD_OVERRIDES = [
+    # (override, words the message must contain)
+    ("optimizer.lr=abc", ["optimizer.lr", "expects a number", "'abc'"]),
+    ("optimizer.lr=-0.1", ["optimizer.lr", "positive number"]),
+    ("optimizer.lr=0", ["optimizer.lr", "positive number"]),
+    ("data.batch_size=0", ["data.batch_size", "positive integer"]),
+    ("data.batch_size=-32", ["data.batch_size", "positive integer"]),
+    ("data.batch_size=12.5", ["data.batch_size", "positive integer"]),
+    ("trainer.max_epochs=many", ["trainer.max_epochs", "expects a number"]),
+    ("seed=-1", ["seed", "integer >= 0"]),
+    ("optimizer=adamm", ["optimizer=adamm", "adam, adamw, sgd", "Did you mean 'optimizer=adam'"]),
+    ("model=resnet", ["model=resnet", "cnn, mlp"]),
+    ("optimizer.lrr=0.1", ["optimizer.lrr", "Did you mean 'optimizer.lr'", "+optimizer.lrr=0.1"]),
+    ("trainer.max_epoch=3", ["Did you mean 'trainer.max_epochs'"]),
+    ("optimzer=sgd", ["Did you mean 'optimizer'"]),
+    ("data.batchsize=32", ["Did you mean 'data.batch_size'"]),
+    ("optimizer.lr=1e-3,oops", ["optimizer.lr", "'oops'"]),  # one bad value in a sweep
+    ("optimizer.lr=[1", ["cannot read the command line"]),
+]
+
+
+@pytest.mark.parametrize(("override", "words"), BAD_OVERRIDES, ids=[o for o, _ in BAD_OVERRIDES])
+def test_bad_override_is_refused_with_a_message(tmp_path, override, words):
+    result = run_cli("trainlab.train", override, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: ")
+    for word in words:
+        assert word in message
+    assert "Traceback" not in result.stderr
+    assert len(message.splitlines()) == 1  # one paragraph
+    assert not (tmp_path / "logs").exists()  # nothing started
+
+
+def test_bad_value_in_a_multirun_stops_before_any_job(tmp_path):
+    result = run_cli("trainlab.train", "-m", "data.batch_size=32,-1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.batch_size" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_added_key_with_plus_is_accepted_by_the_check(tmp_path):
+    from trainlab.config import check_command_line
+
+    check_command_line("train", ["+trainer.gradient_clip_val=0.5", "optimizer=sgd",
+                                 "optimizer.momentum=0.8"])
+
+
+def test_full_traceback_on_request(tmp_path):
+    env_cmd = [sys.executable, "-m", "trainlab.train", "optimizer.lr=abc"]
+    result = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True,
+                            env={**__import__("os").environ, "HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_help_lists_groups_without_loading_torch(tmp_path):
+    result = run_cli("trainlab.train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for group in ("data:", "model:", "optimizer:", "scheduler:", "trainer:", "logger:", "debug:"):
+        assert group in result.stdout
+    # what --help costs: importing the entry point must not import torch or lightning
+    probe = "import sys, trainlab.train, trainlab.eval; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "[]"
+
+
+def test_eval_without_checkpoint_path(tmp_path):
+    result = run_cli("trainlab.eval", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "ckpt_path" in result.stderr
+
+
+def test_eval_missing_checkpoint(tmp_path):
+    result = run_cli("trainlab.eval", f"ckpt_path={tmp_path / 'nope.ckpt'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nope.ckpt does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,84 @@
+"""Every option of every config group composes, passes the checks, and instantiates."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from trainlab.config import CONF_DIR, check_values, group_options
+from trainlab.loggers import build_loggers
+from trainlab.train import _finish_wandb
+
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+def test_groups_named_by_the_template_exist():
+    for group in ("data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks",
+                  "paths", "debug", "experiment", "hparams_search"):
+        assert group in GROUPS
+    assert {"adam", "adamw", "sgd"} <= set(group_options("optimizer"))
+    assert {"none", "cosine", "onecycle"} <= set(group_options("scheduler"))
+    assert {"digits", "mnist", "fashion_mnist", "cifar10"} <= set(group_options("data"))
+    assert {"fdr", "overfit", "limit", "profiler"} <= set(group_options("debug"))
+    assert {"wandb", "csv", "tensorboard", "many"} <= set(group_options("logger"))
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(compose, tmp_path, group, option):
+    cfg = compose(f"{group}={option}")
+    check_values(cfg)
+
+    datamodule = instantiate(cfg.data)
+    assert datamodule.batch_size == cfg.data.batch_size
+    scheduler = instantiate(cfg.scheduler) if cfg.scheduler else None
+    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+    x = torch.zeros(2, *cfg.data.input_shape)
+    assert model(x).shape == (2, cfg.data.num_classes)
+
+    optimizer = model.make_optimizer(params=model.parameters())
+    assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    if scheduler is not None:
+        sched = scheduler(optimizer, total_steps=10)
+        for _ in range(10):
+            optimizer.step()
+            sched.step()
+        assert optimizer.param_groups[0]["lr"] < cfg.optimizer.lr  # both schedules end low
+
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c]
+    if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
+        with pytest.raises(Exception, match="(?i)gpu|cuda"):
+            instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    else:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+        assert trainer.fast_dev_run == cfg.trainer.get("fast_dev_run", False)
+
+    try:
+        loggers = build_loggers(cfg, tmp_path)
+    finally:
+        _finish_wandb()
+    names = {type(logger).__name__ for logger in loggers}
+    assert "CSVLogger" in names  # local metrics, whatever the logger
+    if group == "logger":
+        expected = {"csv": set(), "wandb": {"WandbLogger"}, "tensorboard": {"TensorBoardLogger"},
+                    "many": {"WandbLogger", "TensorBoardLogger"}}[option]
+        assert expected <= names
+
+
+def test_hparams_search_sets_a_sweep(compose):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("train", ["hparams_search=lr_batch_grid"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params) == {"optimizer.lr", "data.batch_size"}
+    assert len(str(params["optimizer.lr"]).split(",")) >= 2
+
+
+def test_experiment_overrides_groups_and_values(compose):
+    cfg = compose("experiment=digits_cnn")
+    assert cfg.model.net._target_.endswith("SmallCNN")
+    assert cfg.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.optimizer.lr == 3e-3
+    # the command line still wins over the experiment
+    assert compose("experiment=digits_cnn", "optimizer.lr=0.1").optimizer.lr == 0.1

@@ -160,3 +160,82 @@ def test_schedule_that_needs_a_length_on_an_endless_run(compose, tmp_path):
         train(compose("trainer.max_epochs=-1", "logger=csv", "scheduler=cosine"), tmp_path)
     record = json.loads((tmp_path / "metrics.json").read_text())
     assert record["status"] == "failed"
+
+
+def test_wandb_run_gets_flat_config_group_and_name(compose, tmp_path):
+    from omegaconf import OmegaConf
+
+    from trainlab.loggers import build_loggers
+    from trainlab.run import flat_hparams
+    from trainlab.train import _finish_wandb
+
+    cfg = compose("optimizer=sgd", "tags=[a,b]")
+    try:
+        loggers = build_loggers(cfg, tmp_path, group="2026-01-01_00-00-00", name="optimizer=sgd")
+        wandb_logger = next(lg for lg in loggers if type(lg).__name__ == "WandbLogger")
+        params = flat_hparams(OmegaConf.to_container(cfg, resolve=True), {"optimizer": "sgd"})
+        wandb_logger.log_hyperparams(params)
+        run = wandb_logger.experiment
+        assert run.offline
+        assert run.config["optimizer.lr"] == 0.05 and run.config["data.batch_size"] == 64
+        assert run.config["optimizer"] == "sgd"
+        assert not any(key.endswith("_target_") for key in run.config.keys())
+        assert run.group == "2026-01-01_00-00-00" and run.name == "optimizer=sgd"
+        assert set(run.tags) == {"a", "b"}
+    finally:
+        _finish_wandb()
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from hydra import compose, initialize_config_dir
+
+    from trainlab.config import CONF_DIR
+
+    root = tmp_path_factory.mktemp("ckpt")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", [f"paths.log_dir={root}", "debug=limit", "logger=csv"])
+    train(cfg, root / "run")
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def _eval_cli(ckpt: Path, cwd: Path):
+    return run_cli("trainlab.eval", f"ckpt_path={ckpt}", cwd=cwd)
+
+
+def test_eval_refuses_a_corrupt_checkpoint(small_checkpoint, tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 100)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(small_checkpoint.read_bytes()[:5000])
+    for bad in (garbage, truncated):
+        result = _eval_cli(bad, tmp_path)
+        assert result.returncode == 2
+        assert f"checkpoint {bad} cannot be read" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_eval_refuses_a_checkpoint_from_elsewhere(tmp_path):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, foreign)
+    result = _eval_cli(foreign, tmp_path)
+    assert result.returncode == 2
+    assert "not written by trainlab.train" in result.stderr
+
+
+def test_stored_config_cannot_name_arbitrary_code(small_checkpoint, tmp_path):
+    ckpt = torch.load(small_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["trainlab"]["config"]["model"]["net"]["_target_"] = "os.system"
+    tampered = tmp_path / "tampered.ckpt"
+    torch.save(ckpt, tampered)
+    with pytest.raises(UserError, match="os.system"):
+        checkpoint.build_model(checkpoint.read(tampered))
+
+
+def test_checkpoint_with_wrong_weights_for_its_config(small_checkpoint, tmp_path):
+    ckpt = torch.load(small_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["trainlab"]["config"]["model"]["net"]["hidden"] = [32]
+    mismatched = tmp_path / "mismatched.ckpt"
+    torch.save(ckpt, mismatched)
+    with pytest.raises(UserError, match="do not fit"):
+        checkpoint.build_model(checkpoint.read(mismatched))

@@ -50,14 +50,20 @@ def test_bad_value_in_a_multirun_stops_before_any_job(tmp_path):
 def test_added_key_with_plus_is_accepted_by_the_check(tmp_path):
     from trainlab.config import check_command_line
 
-    check_command_line("train", ["+trainer.gradient_clip_val=0.5", "optimizer=sgd",
-                                 "optimizer.momentum=0.8"])
+    check_command_line(
+        "train", ["+trainer.gradient_clip_val=0.5", "optimizer=sgd", "optimizer.momentum=0.8"]
+    )
 
 
 def test_full_traceback_on_request(tmp_path):
     env_cmd = [sys.executable, "-m", "trainlab.train", "optimizer.lr=abc"]
-    result = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True,
-                            env={**__import__("os").environ, "HYDRA_FULL_ERROR": "1"})
+    result = subprocess.run(
+        env_cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HYDRA_FULL_ERROR": "1"},
+    )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError" in result.stderr
 
@@ -68,7 +74,10 @@ def test_help_lists_groups_without_loading_torch(tmp_path):
     for group in ("data:", "model:", "optimizer:", "scheduler:", "trainer:", "logger:", "debug:"):
         assert group in result.stdout
     # what --help costs: importing the entry point must not import torch or lightning
-    probe = "import sys, trainlab.train, trainlab.eval; print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    probe = (
+        "import sys, trainlab.train, trainlab.eval; "
+        "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    )
     assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "[]"
 
 

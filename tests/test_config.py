@@ -13,8 +13,19 @@ OPTIONS = [(group, option) for group in GROUPS for option in group_options(group
 
 
 def test_groups_named_by_the_template_exist():
-    for group in ("data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks",
-                  "paths", "debug", "experiment", "hparams_search"):
+    for group in (
+        "data",
+        "model",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "debug",
+        "experiment",
+        "hparams_search",
+    ):
         assert group in GROUPS
     assert {"adam", "adamw", "sgd"} <= set(group_options("optimizer"))
     assert {"none", "cosine", "onecycle"} <= set(group_options("scheduler"))
@@ -59,8 +70,12 @@ def test_option_composes_and_instantiates(compose, tmp_path, group, option):
     names = {type(logger).__name__ for logger in loggers}
     assert "CSVLogger" in names  # local metrics, whatever the logger
     if group == "logger":
-        expected = {"csv": set(), "wandb": {"WandbLogger"}, "tensorboard": {"TensorBoardLogger"},
-                    "many": {"WandbLogger", "TensorBoardLogger"}}[option]
+        expected = {
+            "csv": set(),
+            "wandb": {"WandbLogger"},
+            "tensorboard": {"TensorBoardLogger"},
+            "many": {"WandbLogger", "TensorBoardLogger"},
+        }[option]
         assert expected <= names
 
 

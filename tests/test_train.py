@@ -1,4 +1,4 @@
-"""Training and evaluation end to end, with a real Trainer, real Hydra and real W&B offline files."""
+"""Training and evaluation end to end: a real Trainer, real Hydra, real W&B offline files."""
 
 import json
 from pathlib import Path
@@ -12,8 +12,19 @@ from trainlab.errors import UserError
 from trainlab.eval import evaluate
 from trainlab.train import train
 
-METRIC_KEYS = ["val/acc", "val/acc_best", "val/f1", "val/precision", "val/recall", "val/loss",
-               "test/acc", "test/f1", "test/precision", "test/recall", "train/loss"]
+METRIC_KEYS = [
+    "val/acc",
+    "val/acc_best",
+    "val/f1",
+    "val/precision",
+    "val/recall",
+    "val/loss",
+    "test/acc",
+    "test/f1",
+    "test/precision",
+    "test/recall",
+    "train/loss",
+]
 
 
 def only_run_dir(root: Path) -> Path:
@@ -94,15 +105,19 @@ def test_eval_from_checkpoint_matches_the_training_run(default_run):
 def test_eval_on_val_split(compose, tmp_path):
     run_dir = tmp_path / "run"
     train(compose("debug=limit", "logger=csv"), run_dir)
-    record = evaluate(compose(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "split=val",
-                              config="eval"), tmp_path / "eval")
+    record = evaluate(
+        compose(f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "split=val", config="eval"),
+        tmp_path / "eval",
+    )
     assert set(record) >= {"val/acc", "val/f1", "val/loss"}
 
 
 def test_same_seed_same_metrics(compose, tmp_path):
     def metrics(seed, name):
-        record = train(compose("debug=limit", "logger=csv", f"seed={seed}", "callbacks=none",
-                               "test=false"), tmp_path / name)
+        record = train(
+            compose("debug=limit", "logger=csv", f"seed={seed}", "callbacks=none", "test=false"),
+            tmp_path / name,
+        )
         return {k: v for k, v in record.items() if "/" in k}
 
     first, second, other = metrics(7, "a"), metrics(7, "b"), metrics(8, "c")
@@ -134,8 +149,14 @@ def test_other_loggers_write_their_files(compose, tmp_path, logger):
 
 
 def test_two_by_two_multirun(tmp_path):
-    result = run_cli("trainlab.train", "-m", "optimizer.lr=1e-3,1e-2", "data.batch_size=32,64",
-                     "debug=limit", cwd=tmp_path)
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        "optimizer.lr=1e-3,1e-2",
+        "data.batch_size=32,64",
+        "debug=limit",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sweeps = list((tmp_path / "logs" / "train" / "sweeps").iterdir())
     assert len(sweeps) == 1
@@ -179,7 +200,7 @@ def test_wandb_run_gets_flat_config_group_and_name(compose, tmp_path):
         assert run.offline
         assert run.config["optimizer.lr"] == 0.05 and run.config["data.batch_size"] == 64
         assert run.config["optimizer"] == "sgd"
-        assert not any(key.endswith("_target_") for key in run.config.keys())
+        assert not any(key.endswith("_target_") for key in dict(run.config))
         assert run.group == "2026-01-01_00-00-00" and run.name == "optimizer=sgd"
         assert set(run.tags) == {"a", "b"}
     finally:
@@ -239,3 +260,29 @@ def test_checkpoint_with_wrong_weights_for_its_config(small_checkpoint, tmp_path
     torch.save(ckpt, mismatched)
     with pytest.raises(UserError, match="do not fit"):
         checkpoint.build_model(checkpoint.read(mismatched))
+
+
+def test_wandb_with_a_key_but_no_server_goes_offline_without_hanging(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    key = "local-fake-key-" + "0123456789abcdef" * 2
+    env = {**os.environ, "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainlab.train", "debug=limit", "test=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "127.0.0.1 is not reachable; logging offline" in result.stdout
+    run_dir = only_run_dir(tmp_path)
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the key is a secret: no file of the run and no output line may hold it
+    assert key not in result.stdout + result.stderr
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path

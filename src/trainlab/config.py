@@ -81,8 +81,9 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException as e:
         raise UserError(
-            f"cannot read the command line: {str(e).splitlines()[0]}. Overrides are written key=value (e.g. "
-            "optimizer.lr=1e-3), group=option (e.g. model=cnn), or key=a,b,c to sweep with -m."
+            f"cannot read the command line: {str(e).splitlines()[0]}. Overrides are written "
+            "key=value (e.g. optimizer.lr=1e-3), group=option (e.g. model=cnn), or key=a,b,c to "
+            "sweep with -m."
         ) from None
 
     group_overrides, key_overrides = [], []

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: `python -m trainlab.eval ckpt_path=<file> [split=val] [data.KEY=...]`.
+"""Evaluate a checkpoint: `python -m trainlab.eval ckpt_path=<file> [split=val] [+data.KEY=...]`.
 
 The model and data set are rebuilt from the config stored in the checkpoint; the results go to
 <run dir>/metrics.json like a training run's.

@@ -72,6 +72,12 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def _split(self, x: torch.Tensor, y: torch.Tensor):
         n_val = round(len(x) * self.val_size) if isinstance(self.val_size, float) else self.val_size
+        if not 0 < n_val < len(x):
+            raise UserError(
+                f"data.val_size={self.val_size} leaves {len(x) - n_val} of {len(x)} training "
+                f"samples for training and {n_val} for validation: give a number of samples "
+                f"between 1 and {len(x) - 1}, or a fraction between 0 and 1."
+            )
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
         val, train = order[:n_val], order[n_val:]
         return (x[train], y[train]), (x[val], y[val])

@@ -1,5 +1,7 @@
 """torchvision's MNIST, Fashion-MNIST and CIFAR-10, downloaded once and then held in memory."""
 
+import pickle
+
 import numpy as np
 import torch
 from torchvision import datasets
@@ -17,8 +19,8 @@ class TorchvisionDataModule(InMemoryDataModule):
     dataset_class: type
     files_hint: str  # where the files go, for the message when they are missing
 
-    def __init__(self, *args, download: bool = True, val_size: int | float = 5000, **kwargs):
-        super().__init__(*args, val_size=val_size, **kwargs)
+    def __init__(self, *args, download: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
         self.download = download
 
     def prepare_data(self) -> None:
@@ -34,13 +36,24 @@ class TorchvisionDataModule(InMemoryDataModule):
     def _open(self, train: bool, download: bool = False):
         try:
             return self.dataset_class(str(self.data_dir), train=train, download=download)
-        except (RuntimeError, OSError) as e:  # torchvision reports missing files as RuntimeError
+        # torchvision reports missing files as RuntimeError, damaged ones as whatever its
+        # reader trips on (AssertionError for a bad IDX header, UnpicklingError for CIFAR).
+        except (
+            RuntimeError,
+            OSError,
+            AssertionError,
+            ValueError,
+            TypeError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as e:
             name = self.dataset_class.__name__
             tried = (
                 "could not be downloaded" if download else "download is off (data.download=false)"
             )
             raise UserError(
-                f"{name} was not found under {self.data_dir} and {tried} ({e}). On a machine "
+                f"{name} was not found (or is unreadable) under {self.data_dir} and {tried} "
+                f"({str(e).strip() or type(e).__name__}). On a machine "
                 f"with internet, run once with data.download=true and copy the folder over; or "
                 f"place the files yourself: {self.files_hint.format(root=self.data_dir)}. "
                 f"paths.data_dir=... points at another data folder."
@@ -81,7 +94,8 @@ class CIFAR10DataModule(TorchvisionDataModule):
     dataset_class = datasets.CIFAR10
     files_hint = (
         "{root}/cifar-10-batches-py/ must hold data_batch_1 ... data_batch_5, test_batch and "
-        "batches.meta, as unpacked from cifar-10-python.tar.gz (or put that archive in {root})"
+        "batches.meta, as unpacked from cifar-10-python.tar.gz (or put that archive in {root} and "
+        "run with data.download=true)"
     )
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)

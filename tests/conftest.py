@@ -41,12 +41,16 @@ def compose(tmp_path):
 
 
 def run_cli(
-    module: str, *args: str, cwd: Path, timeout: float = 300
+    module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    """Run `python -m <module> <args>` as a user would, with this interpreter."""
+    """Run `python -m <module> <args>` as a user would, with this interpreter (and `env` added)."""
+    # A W&B run made earlier in this process leaves the address of its service in the
+    # environment; a child must start its own.
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -56,13 +56,8 @@ def test_added_key_with_plus_is_accepted_by_the_check(tmp_path):
 
 
 def test_full_traceback_on_request(tmp_path):
-    env_cmd = [sys.executable, "-m", "trainlab.train", "optimizer.lr=abc"]
-    result = subprocess.run(
-        env_cmd,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "HYDRA_FULL_ERROR": "1"},
+    result = run_cli(
+        "trainlab.train", "optimizer.lr=abc", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"}
     )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError" in result.stderr

@@ -263,19 +263,10 @@ def test_checkpoint_with_wrong_weights_for_its_config(small_checkpoint, tmp_path
 
 
 def test_wandb_with_a_key_but_no_server_goes_offline_without_hanging(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     key = "local-fake-key-" + "0123456789abcdef" * 2
-    env = {**os.environ, "WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
-    result = subprocess.run(
-        [sys.executable, "-m", "trainlab.train", "debug=limit", "test=false"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    env = {"WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    result = run_cli(
+        "trainlab.train", "debug=limit", "test=false", cwd=tmp_path, env=env, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "127.0.0.1 is not reachable; logging offline" in result.stdout

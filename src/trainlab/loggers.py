@@ -38,7 +38,9 @@ def build_loggers(
             logger = instantiate(
                 logger_cfg,
                 save_dir=str(run_dir),
-                offline=offline,
+                # wandb.init's own `mode`, not Lightning's `offline`, which would set WANDB_MODE
+                # for the rest of the process and every process it starts.
+                mode="offline" if offline else None,
                 group=group,
                 name=name,
                 tags=list(cfg.get("tags") or []),

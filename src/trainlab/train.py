@@ -6,6 +6,7 @@ checked, so `--help` and typos answer at once.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.trainlab_sweeps import process_launcher
 from trainlab.config import CONF_DIR, check_command_line, check_values
 from trainlab.errors import UserError, exit_with
 
@@ -109,7 +111,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from trainlab.run import print_config
 
     hc = HydraConfig.get()
-    sweeping = hc.mode == RunMode.MULTIRUN
+    # A job of a sweep runs as a single run in its own process; the launcher names its sweep.
+    sweep = os.environ.get(process_launcher.SWEEP_ENV) or (
+        Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    )
     print_config(cfg)
     try:
         record = train(
@@ -117,7 +122,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             run_dir=hc.runtime.output_dir,
             overrides=list(hc.overrides.task),
             choices=dict(hc.runtime.choices),
-            wandb_group=Path(hc.sweep.dir).name if sweeping else None,
+            wandb_group=sweep,
             wandb_name=hc.job.override_dirname or None,
         )
     except UserError as e:
@@ -126,11 +131,43 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    """Check the command line, run Hydra, and exit non-zero if any job of a sweep failed.
+
+    `--dry-run` lists the jobs a sweep would run (their overrides and their number) and stops.
+    """
+    dry_run = "--dry-run" in sys.argv
+    if dry_run:
+        sys.argv = [arg for arg in sys.argv if arg != "--dry-run"]
     try:
         check_command_line("train", sys.argv[1:])
     except UserError as e:
         exit_with(e)
+    if dry_run:
+        _dry_run_arguments()
     _hydra_main()
+    # Read through the module: Hydra's plugin scan re-executes it, rebinding its globals.
+    failed = process_launcher.FAILED_JOBS
+    if failed:
+        summary = Path(failed[0]["dir"]).parent / process_launcher.SUMMARY_FILE
+        jobs = "; ".join(
+            f"#{job['num']} ({' '.join(job['overrides'])}): {job['error'].rstrip('.')}"
+            for job in failed
+        )
+        print(
+            f"error: {len(failed)} job(s) of the sweep failed: {jobs}. Details in {summary}.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1)
+
+
+def _dry_run_arguments() -> None:
+    """Turn the command into a multirun whose launcher only prints its jobs, in a scratch dir."""
+    import tempfile
+
+    if not {"-m", "--multirun"} & set(sys.argv):
+        sys.argv.insert(1, "-m")
+    scratch = tempfile.mkdtemp(prefix="trainlab-dry-run-")
+    sys.argv += ["hydra.launcher.dry_run=true", f"hydra.sweep.dir={scratch}"]
 
 
 if __name__ == "__main__":

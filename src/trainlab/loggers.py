@@ -51,6 +51,10 @@ def build_loggers(
             logger._wandb_init.pop("anonymous", None)
             if offline and why:
                 _announce_offline(logger, why)
+            # W&B's run table shows each run's best epoch, not its last.
+            logger.experiment.define_metric("val/acc", summary="max")
+            logger.experiment.define_metric("val/acc_best", summary="max")
+            logger.experiment.define_metric("val/loss", summary="min")
         else:
             logger = instantiate(logger_cfg, save_dir=str(run_dir))
         loggers.append(logger)

@@ -148,34 +148,6 @@ def test_other_loggers_write_their_files(compose, tmp_path, logger):
         assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
-def test_two_by_two_multirun(tmp_path):
-    result = run_cli(
-        "trainlab.train",
-        "-m",
-        "optimizer.lr=1e-3,1e-2",
-        "data.batch_size=32,64",
-        "debug=limit",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    sweeps = list((tmp_path / "logs" / "train" / "sweeps").iterdir())
-    assert len(sweeps) == 1
-    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
-    assert len(jobs) == 4
-    seen = set()
-    for job in jobs:
-        record = json.loads((job / "metrics.json").read_text())
-        assert record["status"] == "finished"
-        seen.add(tuple(sorted(record["overrides"])))
-        # one W&B run per job, not all jobs in the first one
-        assert len(list((job / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
-    assert seen == {
-        (f"data.batch_size={bs}", "debug=limit", f"optimizer.lr={lr}")
-        for lr in ("0.001", "0.01")
-        for bs in (32, 64)
-    }
-
-
 def test_schedule_that_needs_a_length_on_an_endless_run(compose, tmp_path):
     with pytest.raises(UserError, match="scheduler=none"):
         train(compose("trainer.max_epochs=-1", "logger=csv", "scheduler=cosine"), tmp_path)

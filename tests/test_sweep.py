@@ -1,0 +1,282 @@
+"""Sweeps: grid and Optuna searches in one process per job, failures, resumption, W&B sweep
+definitions, dry runs, and the local comparison of their runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from hydra_plugins.trainlab_sweeps.process_launcher import gpu_slots
+from trainlab.compare import compare
+
+FAST = ("debug=limit", "logger=csv")
+
+
+def sweep_dir(root: Path, kind: str = "sweeps") -> Path:
+    dirs = list((root / "logs" / "train" / kind).iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """A 2x2 lr x batch-size grid, two jobs at a time, logging to W&B (offline)."""
+    cwd = tmp_path_factory.mktemp("grid")
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        "optimizer.lr=1e-3,1e-2",
+        "data.batch_size=32,64",
+        "debug=limit",
+        "hydra.launcher.n_jobs=2",
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir(cwd)
+
+
+@pytest.fixture(scope="module")
+def failing_grid(tmp_path_factory):
+    """A 2x2 grid in which one job cannot run: 1000 samples per batch, 934 training samples."""
+    cwd = tmp_path_factory.mktemp("failing")
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        "data.batch_size=32,1000",
+        "data.val_size=0.1,0.35",
+        *FAST,
+        "hydra.launcher.n_jobs=2",
+        cwd=cwd,
+    )
+    return result, sweep_dir(cwd)
+
+
+def test_grid_runs_each_job_in_its_own_directory_and_process(grid):
+    jobs = job_dirs(grid)
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        record = json.loads((job / "metrics.json").read_text())
+        assert record["status"] == "finished"
+        assert record["run_dir"] == str(job)
+        seen.add(frozenset(record["overrides"]))
+        # one W&B run per job, not every job in the first one
+        assert len(list((job / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert seen == {
+        frozenset({f"optimizer.lr={lr}", f"data.batch_size={bs}", "debug=limit"})
+        for lr in ("0.001", "0.01")
+        for bs in (32, 64)
+    }
+    summary = json.loads((grid / "sweep.json").read_text())
+    assert summary["failed"] == 0 and len(summary["jobs"]) == 4
+
+
+def test_two_jobs_run_at_the_same_time(grid):
+    jobs = json.loads((grid / "sweep.json").read_text())["jobs"].values()
+    starts = sorted(time.mktime(time.strptime(j["started"], "%Y-%m-%d %H:%M:%S")) for j in jobs)
+    # with two workers the second job starts with the first, not after it (jobs take > 3 s)
+    assert starts[1] - starts[0] < 2
+    assert min(j["duration_s"] for j in jobs) > 2
+
+
+def test_a_failed_job_is_recorded_and_the_others_finish(failing_grid):
+    result, sweep = failing_grid
+    assert result.returncode == 1
+    assert "1 job(s) of the sweep failed" in result.stderr
+    assert "data.batch_size=1000 data.val_size=0.35" in result.stderr
+    summary = json.loads((sweep / "sweep.json").read_text())
+    statuses = {" ".join(j["overrides"][:2]): j["status"] for j in summary["jobs"].values()}
+    assert statuses == {
+        "data.batch_size=32 data.val_size=0.1": "finished",
+        "data.batch_size=32 data.val_size=0.35": "finished",
+        "data.batch_size=1000 data.val_size=0.1": "finished",
+        "data.batch_size=1000 data.val_size=0.35": "failed",
+    }
+    failed = next(j for j in summary["jobs"].values() if j["status"] == "failed")
+    assert "fewer than one batch" in failed["error"]
+    assert summary["failed"] == 1
+
+
+def test_dry_run_lists_jobs_and_runs_nothing(tmp_path):
+    result = run_cli(
+        "trainlab.train",
+        "--dry-run",
+        "optimizer.lr=1e-3,1e-2",
+        "data.batch_size=32,64,128",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = [line for line in result.stdout.splitlines() if line.startswith("#")]
+    assert len(jobs) == 6 and "6 job(s); nothing was run" in result.stdout
+    assert "#5: optimizer.lr=0.01 data.batch_size=128" in result.stdout
+    assert not (tmp_path / "logs").exists()
+
+    result = run_cli("trainlab.train", "--dry-run", "hparams_search=optuna_lr_batch", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "20 trials maximising val/acc_best" in result.stdout
+    assert "optimizer.lr: FloatDistribution" in result.stdout and "log=True" in result.stdout
+    assert not (tmp_path / "logs").exists()
+
+
+def test_gpus_are_shared_out_among_parallel_jobs(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert gpu_slots(2, None) == ["0,1", "2,3"]
+    assert gpu_slots(4, None) == ["0", "1", "2", "3"]
+    assert gpu_slots(1, 2) == ["0,1"]
+    assert gpu_slots(3, 2) == ["0,1", "2,3"]  # only two jobs of two GPUs fit
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_slots(2, None) == [None, None]
+
+
+def test_optuna_sweep_interrupted_then_resumed(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    command = [
+        sys.executable,
+        "-m",
+        "trainlab.train",
+        "-m",
+        "hparams_search=optuna_lr_batch",
+        *FAST,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.study_name=resume",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    study_dir = tmp_path / "logs" / "train" / "optuna" / "resume"
+
+    # Start the study and kill the whole process tree while its third trial runs.
+    first = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (study_dir / "2").is_dir():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = {
+        p.name: (p / "metrics.json").read_text()
+        for p in job_dirs(study_dir)
+        if (p / "metrics.json").is_file()
+    }
+    assert set(done_before) == {"0", "1"}
+
+    # The partial sweep can be compared already: the cut-off trial shows as running.
+    partial = compare([study_dir], "val/acc_best", tmp_path / "partial")
+    assert {r.dir.name for r in partial["not_finished"]} == {"2"}
+
+    # The same command again continues the study.
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert states.count(TrialState.COMPLETE) == 4 and states[2] == TrialState.FAIL
+    # finished trials were not run again; the new ones got new numbers and directories
+    for name, text in done_before.items():
+        assert (study_dir / name / "metrics.json").read_text() == text
+    assert (study_dir / "4" / "metrics.json").is_file()
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE:
+            record = json.loads((study_dir / str(trial.number) / "metrics.json").read_text())
+            assert record["val/acc_best"] == pytest.approx(trial.value)
+            assert f"data.batch_size={trial.params['data.batch_size']}" in record["overrides"]
+    assert len(params) == 5
+
+
+def test_wandb_sweep_definition_and_the_agents_command(tmp_path):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    result = run_cli("trainlab.wandb_sweep", "hparams_search=optuna_lr_batch", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep = yaml.safe_load(result.stdout)
+    # what W&B requires of a definition
+    assert sweep["method"] in {"grid", "random", "bayes"}
+    assert sweep["metric"] == {"name": "val/acc_best", "goal": "maximize"}
+    lr = sweep["parameters"]["optimizer.lr"]
+    assert lr == {"distribution": "log_uniform_values", "min": 1e-4, "max": 0.1}
+    assert sweep["parameters"]["data.batch_size"] == {"values": [32, 64, 128]}
+    assert sweep["command"][-1] == "${args_no_hyphens}"
+
+    # Build the command exactly as `wandb agent` does for one sampled point, then run it.
+    sampled = {"optimizer.lr": {"value": 0.003}, "data.batch_size": {"value": 64}}
+    variables = create_sweep_command_args({"args": sampled})
+    variables.update(env=[], interpreter=[sys.executable])
+    command = []
+    for part in create_sweep_command(sweep["command"]):
+        if part.startswith("${") and part.endswith("}"):
+            command += variables[part[2:-1]]
+        else:
+            command.append(part)
+    assert command[1:4] == ["-m", "trainlab.train", "debug=limit"]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    run = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(next((tmp_path / "logs").rglob("metrics.json")).read_text())
+    assert record["status"] == "finished"
+    assert {"optimizer.lr=0.003", "data.batch_size=64"} <= set(record["overrides"])
+
+
+def test_compare_a_finished_sweep(grid, tmp_path):
+    result = compare([grid], "val/acc_best", tmp_path)
+    rows = result["rows"]
+    assert len(rows) == 4 and not result["not_finished"]
+    values = [row["val/acc_best"][0] for row in rows]
+    assert values == sorted(values, reverse=True)
+    for row in rows:  # the table shows what each run's metrics.json says
+        (run,) = row["runs"]
+        record = json.loads((run.dir / "metrics.json").read_text())
+        assert row["val/acc_best"] == (pytest.approx(record["val/acc_best"]), 0.0)
+        assert row["test/acc"][0] == pytest.approx(record["test/acc"])
+        assert set(row["overrides"].split()) <= set(record["overrides"])
+    for name in ("lr_sweep.png", "curves.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    for row in rows:
+        assert row["overrides"] in page
+
+
+def test_compare_a_partly_failed_sweep_from_the_command_line(failing_grid, tmp_path):
+    _, sweep = failing_grid
+    result = run_cli("trainlab.compare", str(sweep), "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "failed" in result.stdout and "fewer than one batch" in result.stdout
+    page = (tmp_path / "report.html").read_text()
+    assert "Not finished" in page and "data.batch_size=1000 data.val_size=0.35" in page
+    assert len((tmp_path / "lr_sweep.png").read_bytes()) > 10_000
+
+
+def test_compare_groups_runs_that_differ_only_by_seed(tmp_path):
+    result = run_cli("trainlab.train", "-m", "seed=1,2", *FAST, "test=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = compare([sweep_dir(tmp_path)], "val/acc_best", tmp_path / "cmp")
+    (row,) = out["rows"]
+    values = [json.loads((r.dir / "metrics.json").read_text())["val/acc_best"] for r in row["runs"]]
+    assert len(values) == 2
+    mean, std = row["val/acc_best"]
+    assert mean == pytest.approx(sum(values) / 2)
+    assert std == pytest.approx(abs(values[0] - values[1]) / 2**0.5)

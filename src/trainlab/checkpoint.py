@@ -1,17 +1,26 @@
 """What a trainlab checkpoint holds beyond Lightning's own, and how to read one back safely.
 
 Every checkpoint carries the run's resolved config, so `eval` rebuilds the model from the file
-alone. Nothing is pickled: files load with `torch.load(weights_only=True)`.
+alone, and what a resumed run needs to continue exactly. Nothing is pickled: files load with
+`torch.load(weights_only=True)`, and are written whole or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import os
+import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from trainlab import __version__
@@ -21,14 +30,116 @@ from trainlab.errors import UserError
 KEY = "trainlab"
 
 
-class StoreConfig(pl.Callback):
-    """Writes the resolved run config (plain dicts and lists) into every checkpoint."""
+class CheckpointRecord(pl.Callback):
+    """Makes every checkpoint self-describing and resumable to the bit.
+
+    Beside Lightning's own state it stores the resolved run config (plain dicts and lists), the
+    git commit, the versions of the main packages, the W&B run id (a resumed run continues the
+    same W&B run), and the random number generators' states (a resumed run draws the same
+    dropout masks and data order as an uninterrupted one).
+    """
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
+        self.commit = _git_commit()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint[KEY] = {"config": self.config, "version": __version__}
+        for logger in trainer.loggers:  # the metric history up to here is on disk too
+            logger.save()
+        checkpoint[KEY] = {
+            "config": self.config,
+            "version": __version__,
+            "git_commit": self.commit,
+            "packages": _package_versions(),
+            "wandb_id": _wandb_id(trainer),
+            "rng": _rng_states(),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get(KEY, {}).get("rng")
+        if rng:
+            _set_rng_states(rng)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it and renames it into place, so a
+    checkpoint on disk is always whole: a kill or a full disk mid-write leaves the old one."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        buffer = io.BytesIO()  # serialise first: write errors then surface as OSError
+        torch.save(checkpoint, buffer)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise UserError(
+                    f"no space left to write {path} ({e.strerror}). The previous checkpoints "
+                    f"in {path.parent} are intact; free some space (or move paths.log_dir) and "
+                    "resume with resume=auto."
+                ) from None
+            raise
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("trainlab", "torch", "lightning", "torchmetrics", "hydra-core", "torchvision"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def _wandb_id(trainer) -> str | None:
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger":
+            return logger.version
+    return None
+
+
+def _rng_states() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            numpy_state[0],
+            torch.from_numpy(numpy_state[1].astype(np.int64)),
+            *numpy_state[2:],
+        ],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    kind, keys, *rest = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -71,3 +182,41 @@ def build_model(ckpt: dict[str, Any]) -> pl.LightningModule:
     except RuntimeError as e:
         raise UserError(f"the checkpoint's weights do not fit its model config: {e}") from None
     return model
+
+
+def check_same_model(ckpt: dict[str, Any], path: str | Path, model_cfg: Any) -> None:
+    """Refuse to resume `model_cfg` from a checkpoint written by a different model."""
+    stored = OmegaConf.to_container(stored_config(ckpt).model, resolve=True)
+    current = OmegaConf.to_container(model_cfg, resolve=True)
+    if stored != current:
+        differences = ", ".join(
+            f"{key}: {theirs!r} there, {ours!r} here"
+            for key, theirs, ours in _differences(stored, current, "model")
+        )
+        raise UserError(
+            f"checkpoint {path} was written by a different model ({differences}). Resume with "
+            "the overrides of the run that wrote it, or start a new run without ckpt_path/resume."
+        )
+
+
+def _differences(a: Any, b: Any, prefix: str):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+    elif a != b:
+        yield prefix, a, b
+
+
+def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a run (last.ckpt first), or None if it has none.
+
+    A damaged file is reported and skipped, so resumption falls back to the one before it.
+    """
+    folder = run_dir / "checkpoints"
+    files = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    for path in files:
+        try:
+            return path, read(path)
+        except UserError as e:
+            print(f"resume: skipping {path}: {e}")
+    return None

@@ -42,6 +42,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "seed": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0, or null"),
     "threads": (lambda v: v == "auto" or (_is_int(v) and v > 0), "a positive integer or auto"),
+    "resume": (lambda v: v in (None, "auto"), "auto or null"),
+    "checkpoint_every_n_steps": (
+        lambda v: v is None or (_is_int(v) and v > 0),
+        "a positive integer or null",
+    ),
 }
 
 
@@ -97,7 +102,7 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         else:
             key_overrides.append(o)
 
-    base = _compose(config_name, group_overrides)
+    base = compose(config_name, group_overrides)
     tree = _to_tree(base)
     check_values(base)
     for o in key_overrides:
@@ -105,6 +110,14 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         found, default = _lookup(tree, key)
         if not found and not (o.is_add() or o.is_force_add()):
             raise UserError(_unknown_key_message(key, o.input_line, tree))
+        if key.split(".")[-1] == "_target_":
+            targets = known_targets()
+            for value in _values(o):
+                if value not in targets:
+                    raise UserError(
+                        f"'{o.input_line}' names code that no config file names. Only the "
+                        f"_target_ values in {CONF_DIR} are built: add a config file for it."
+                    )
         for value in _values(o):
             if (
                 found
@@ -139,7 +152,7 @@ def _check_group_option(o: Any) -> None:
         )
 
 
-def _compose(config_name: str, overrides: list[str]) -> Any:
+def compose(config_name: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 

@@ -17,3 +17,11 @@ def exit_with(error: UserError) -> None:
         raise error
     print(f"error: {error}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

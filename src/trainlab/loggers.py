@@ -21,15 +21,20 @@ REACH_TIMEOUT_S = 3.0
 
 
 def build_loggers(
-    cfg: DictConfig, run_dir: Path, group: str | None = None, name: str | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    group: str | None = None,
+    name: str | None = None,
+    wandb_id: str | None = None,
 ) -> list:
     """Instantiate `cfg.logger` into run_dir, always including a CSVLogger (run_dir/metrics.csv).
 
-    `group` and `name` label the run in W&B: a sweep's jobs share the group.
+    `group` and `name` label the run in W&B: a sweep's jobs share the group. `wandb_id`
+    continues an earlier W&B run (a resumed run).
     """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    loggers = [CSVLogger(save_dir=run_dir, name="", version="")]
+    loggers = [_keep_history(CSVLogger(save_dir=run_dir, name="", version=""))]
     for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
@@ -44,6 +49,7 @@ def build_loggers(
                 group=group,
                 name=name,
                 tags=list(cfg.get("tags") or []),
+                id=wandb_id,
                 settings=_wandb_settings(),
             )
             assert isinstance(logger, WandbLogger)
@@ -59,6 +65,18 @@ def build_loggers(
             logger = instantiate(logger_cfg, save_dir=str(run_dir))
         loggers.append(logger)
     return loggers
+
+
+def _keep_history(logger):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run
+    must append to it instead, so that the history of the epochs before the interruption stays."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    if path.is_file() and logger._experiment is None:
+        history = path.read_text()
+        writer = logger.experiment  # deletes the file
+        path.write_text(history)
+        writer.metrics_keys = history.splitlines()[0].split(",") if history else []
+    return logger
 
 
 def wandb_offline_reason() -> tuple[bool, str]:

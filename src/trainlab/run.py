@@ -42,7 +42,9 @@ def quiet_lightning() -> None:
             logging.getLogger(name).propagate = True
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "Tip:" not in record.getMessage())
-    # The run directory already holds .hydra/ when the CSV logger starts writing into it.
+    # The run directory already holds .hydra/ when the CSV logger starts writing into it, and
+    # its checkpoints when a run resumes.
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings(
         "ignore", message="Experiment logs directory .* exists and is not empty"
     )
@@ -99,5 +101,32 @@ def final_metrics(trainer: Any) -> dict[str, float]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write then rename, so that a reader never sees half a file."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:
+    """The newest run under runs_dir made with these overrides, if it did not finish and has a
+    checkpoint: what `resume=auto` continues. (`resume=` and `hydra.` overrides are ignored.)"""
+    import yaml
+
+    def key(items: list[str]) -> list[str]:
+        return sorted(o for o in items if not o.startswith(("resume=", "hydra.")))
+
+    wanted = key(overrides)
+    for run_dir in sorted(runs_dir.glob("*"), reverse=True):  # named by start time: newest first
+        recorded = run_dir / ".hydra" / "overrides.yaml"
+        if not recorded.is_file() or key(yaml.safe_load(recorded.read_text()) or []) != wanted:
+            continue
+        try:
+            status = json.loads((run_dir / METRICS_FILE).read_text()).get("status")
+        except (OSError, ValueError):
+            status = None  # killed before it could write metrics.json
+        if status == "finished":
+            return None
+        if any((run_dir / "checkpoints").glob("*.ckpt")):
+            return run_dir.resolve()
+    return None

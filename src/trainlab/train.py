@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
 from trainlab.config import CONF_DIR, check_command_line, check_values
-from trainlab.errors import UserError, exit_with
+from trainlab.errors import Interrupted, UserError, exit_with
 
 
 def train(
@@ -33,28 +33,50 @@ def train(
     check_values(cfg)
     import lightning.pytorch as pl
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from trainlab import run
+    from trainlab import checkpoint, run
     from trainlab.callbacks import progress_bar
-    from trainlab.checkpoint import StoreConfig
+    from trainlab.guards import StopOnNonFiniteLoss, StopOnSignal
     from trainlab.loggers import build_loggers
 
     run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     run.quiet_lightning()
     threads = run.set_threads(cfg.threads)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     config = OmegaConf.to_container(cfg, resolve=True)
+    resume_from, wandb_id = _resume_point(cfg, run_dir)
 
     datamodule = instantiate(cfg.data)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+    command = " ".join(["python -m trainlab.train", *overrides])
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks += [StoreConfig(config), progress_bar()]
-    loggers = build_loggers(cfg, run_dir, group=wandb_group, name=wandb_name)
+    callbacks += [
+        checkpoint.CheckpointRecord(config),
+        StopOnSignal(ckpt_dir, f"{command} resume=auto hydra.run.dir={run_dir}"),
+        StopOnNonFiniteLoss(ckpt_dir),
+        progress_bar(),
+    ]
+    if cfg.get("checkpoint_every_n_steps"):
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=cfg.checkpoint_every_n_steps,
+            )
+        )
+    loggers = build_loggers(cfg, run_dir, group=wandb_group, name=wandb_name, wandb_id=wandb_id)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        default_root_dir=str(run_dir),
+        plugins=[checkpoint.AtomicCheckpointIO()],
     )
     for logger in loggers:
         logger.log_hyperparams(run.flat_hparams(config, choices))
@@ -65,10 +87,11 @@ def train(
         "run_dir": str(run_dir),
         "seed": cfg.seed,
         "threads": threads,
+        "resumed_from": str(resume_from) if resume_from else None,
     }
     started = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         record.update(run.final_metrics(trainer))  # testing replaces Lightning's record of these
         if trainer.interrupted:
             record["status"] = "interrupted"
@@ -79,6 +102,10 @@ def train(
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         if record["status"] == "running":
             record["status"] = "finished"
+    except Interrupted as e:
+        record["status"] = "interrupted"
+        record["error"] = str(e)
+        raise
     except BaseException as e:
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
@@ -91,9 +118,32 @@ def train(
         callback = trainer.checkpoint_callback
         record["best_ckpt"] = (callback.best_model_path or None) if callback else None
         if trainer.is_global_zero:
-            run.write_json(run_dir / run.METRICS_FILE, record)
+            try:
+                run.write_json(run_dir / run.METRICS_FILE, record)
+            except OSError as e:  # e.g. the disk is full: report it, keep the original error
+                print(f"could not write {run_dir / run.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()
     return record
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
+    """(checkpoint to continue from, W&B run id to continue), from ckpt_path or resume=auto."""
+    from trainlab import checkpoint
+
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        ckpt = checkpoint.read(path)
+    elif cfg.get("resume") == "auto":
+        found = checkpoint.latest_good(run_dir)
+        if found is None:
+            print(f"resume=auto: {run_dir} has no checkpoint yet; starting from the beginning.")
+            return None, None
+        path, ckpt = found
+    else:
+        return None, None
+    checkpoint.check_same_model(ckpt, path, cfg.model)
+    print(f"Resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}).")
+    return path, ckpt[checkpoint.KEY].get("wandb_id")
 
 
 def _finish_wandb() -> None:
@@ -127,6 +177,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         )
     except UserError as e:
         exit_with(e)
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
     return record.get("val/acc_best")
 
 
@@ -144,6 +197,8 @@ def main() -> None:
         exit_with(e)
     if dry_run:
         _dry_run_arguments()
+    else:
+        _point_resume_at_its_run()
     _hydra_main()
     # Read through the module: Hydra's plugin scan re-executes it, rebinding its globals.
     failed = process_launcher.FAILED_JOBS
@@ -158,6 +213,27 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(1)
+
+
+def _point_resume_at_its_run() -> None:
+    """`resume=auto` (single runs): reuse the directory of the newest unfinished run of the same
+    command, which Hydra must know before it creates a new one."""
+    args = sys.argv[1:]
+    if "resume=auto" not in args or {"-m", "--multirun"} & set(args):
+        return
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        return  # the run to continue is named
+    from trainlab.config import compose
+    from trainlab.run import unfinished_run
+
+    overrides = [a for a in args if not a.startswith("-")]
+    runs_dir = Path(compose("train", overrides).paths.log_dir) / "train" / "runs"
+    found = unfinished_run(runs_dir, overrides)
+    if found is None:
+        print(f"resume=auto: no unfinished run of this command in {runs_dir}; starting a new run.")
+    else:
+        print(f"resume=auto: continuing {found}")
+        sys.argv.append(f"hydra.run.dir={found}")
 
 
 def _dry_run_arguments() -> None:

@@ -1,0 +1,95 @@
+"""Callbacks that stop a run safely: on a signal, and on a loss that is no longer a number."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from trainlab.errors import Interrupted, UserError
+
+
+class StopOnSignal(pl.Callback):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice): finish the current step, save
+    <run dir>/checkpoints/last.ckpt, and stop with a message saying how to resume.
+
+    SIGTERM is Lightning's to catch (it also tells the other ranks); SIGINT is caught here so
+    that it too waits for the end of a step. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, resume_hint: str):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.resume_hint = resume_hint
+        self.signum: int | None = None
+        self._previous = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.signum = None
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        signum = self.signum or (signal.SIGTERM if trainer.received_sigterm else None)
+        stop = signum is not None
+        if trainer.world_size > 1:  # all ranks stop at the same step, or none does
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            signum = signum or signal.SIGTERM
+        if stop:
+            self._save_and_stop(trainer, signum)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # SIGTERM during validation: Lightning raises there, before any training step ends.
+        if type(exception).__name__ == "SIGTERMException":
+            self._save_and_stop(trainer, signal.SIGTERM)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _save_and_stop(self, trainer, signum: int) -> None:
+        path = self.ckpt_dir / "last.ckpt"
+        trainer.save_checkpoint(path)
+        name = signal.Signals(signum).name
+        self._restore()
+        raise Interrupted(
+            signum,
+            f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"checkpoint saved to {path}. Resume with: {self.resume_hint}",
+        )
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """A NaN or infinite training loss stops the run at once, naming the step, the learning
+    rate and the last good checkpoint (checked every step: it costs one scalar comparison)."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.ckpt_dir = Path(ckpt_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or math.isfinite(float(loss)):
+            return
+        lrs = ", ".join(f"{g['lr']:.3g}" for opt in trainer.optimizers for g in opt.param_groups)
+        last = self.ckpt_dir / "last.ckpt"
+        saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
+        raise UserError(
+            f"the training loss is {float(loss)} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step} (learning rate {lrs}); {saved}. Lower optimizer.lr, clip "
+            "gradients (+trainer.gradient_clip_val=1.0), or check the data for NaNs."
+        )

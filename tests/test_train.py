@@ -236,7 +236,12 @@ def test_checkpoint_with_wrong_weights_for_its_config(small_checkpoint, tmp_path
 
 def test_wandb_with_a_key_but_no_server_goes_offline_without_hanging(tmp_path):
     key = "local-fake-key-" + "0123456789abcdef" * 2
-    env = {"WANDB_API_KEY": key, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    other_secret = "fake-secret-access-key-5f3c1e"
+    env = {
+        "WANDB_API_KEY": key,
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+        "AWS_SECRET_ACCESS_KEY": other_secret,
+    }
     result = run_cli(
         "trainlab.train", "debug=limit", "test=false", cwd=tmp_path, env=env, timeout=120
     )
@@ -244,8 +249,9 @@ def test_wandb_with_a_key_but_no_server_goes_offline_without_hanging(tmp_path):
     assert "127.0.0.1 is not reachable; logging offline" in result.stdout
     run_dir = only_run_dir(tmp_path)
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    # the key is a secret: no file of the run and no output line may hold it
-    assert key not in result.stdout + result.stderr
-    for path in run_dir.rglob("*"):
-        if path.is_file():
-            assert key.encode() not in path.read_bytes(), path
+    # secrets: no file of the run (configs, logs, checkpoints, W&B files) and no output holds one
+    for secret in (key, other_secret):
+        assert secret not in result.stdout + result.stderr
+        for path in run_dir.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path

@@ -42,6 +42,14 @@ class CheckpointRecord(pl.Callback):
     def __init__(self, config: dict[str, Any]):
         self.config = config
         self.commit = _git_commit()
+        self._restored = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Under DDP each rank draws its own dropout masks and augmentations: seed + rank (a
+        # resumed run has just had its generators restored instead).
+        seed = self.config.get("seed")
+        if trainer.world_size > 1 and seed is not None and not self._restored:
+            pl.seed_everything(seed + trainer.global_rank, workers=True, verbose=False)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:  # the metric history up to here is on disk too
@@ -59,6 +67,7 @@ class CheckpointRecord(pl.Callback):
         rng = checkpoint.get(KEY, {}).get("rng")
         if rng:
             _set_rng_states(rng)
+            self._restored = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

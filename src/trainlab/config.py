@@ -23,6 +23,36 @@ def _find_conf_dir() -> Path:
 CONF_DIR = _find_conf_dir()
 
 
+def run_name() -> str:
+    """The name of a single run's directory: its start time, unless a distributed launcher
+    started one process per node, which must all agree on one directory (and a requeued SLURM
+    job must find its own again): then the job's id."""
+    import os
+    import time
+
+    env = os.environ
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = env.get("SLURM_ARRAY_JOB_ID", env["SLURM_JOB_ID"])
+        task = env.get("SLURM_ARRAY_TASK_ID")
+        return f"slurm-{job}" + (f"_{task}" if task else "")
+    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID"):
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        if run_id == "none":  # static rendezvous: the master's address is what all share
+            run_id = f"{env.get('MASTER_ADDR', 'localhost')}-{env.get('MASTER_PORT', '')}"
+        return f"torchrun-{run_id}"
+    return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)
+
+
+_register_resolvers()
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -43,6 +73,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0, or null"),
     "threads": (lambda v: v == "auto" or (_is_int(v) and v > 0), "a positive integer or auto"),
     "resume": (lambda v: v in (None, "auto"), "auto or null"),
+    "lr_scaling.rule": (lambda v: v in ("none", "linear", "sqrt"), "none, linear or sqrt"),
+    "lr_scaling.base_batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "checkpoint_every_n_steps": (
         lambda v: v is None or (_is_int(v) and v > 0),
         "a positive integer or null",

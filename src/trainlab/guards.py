@@ -93,3 +93,26 @@ class StopOnNonFiniteLoss(pl.Callback):
             f"{trainer.global_step} (learning rate {lrs}); {saved}. Lower optimizer.lr, clip "
             "gradients (+trainer.gradient_clip_val=1.0), or check the data for NaNs."
         )
+
+
+class RanksAgree(pl.Callback):
+    """At the end of a distributed fit, checks that every rank holds the same weights (a
+    checksum, gathered from all ranks): DDP keeps them in step, unless something is broken."""
+
+    def __init__(self):
+        self.agree: bool | None = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.world_size == 1:
+            return
+        import torch
+
+        checksum = sum(p.detach().double().sum() for p in pl_module.parameters())
+        gathered = trainer.strategy.all_gather(checksum.to(pl_module.device))
+        self.agree = bool(torch.all(gathered == gathered[0]))
+        if not self.agree:
+            raise UserError(
+                f"the {trainer.world_size} ranks ended with different weights (checksums "
+                f"{gathered.tolist()}): they went out of step. Check that every rank runs the "
+                "same code and config."
+            )

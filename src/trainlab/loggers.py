@@ -33,6 +33,7 @@ def build_loggers(
     continues an earlier W&B run (a resumed run).
     """
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.utilities import rank_zero_only
 
     loggers = [_keep_history(CSVLogger(save_dir=run_dir, name="", version=""))]
     for logger_cfg in (cfg.get("logger") or {}).values():
@@ -55,12 +56,13 @@ def build_loggers(
             assert isinstance(logger, WandbLogger)
             # Lightning passes anonymous=None, which current wandb warns about on every run.
             logger._wandb_init.pop("anonymous", None)
-            if offline and why:
-                _announce_offline(logger, why)
-            # W&B's run table shows each run's best epoch, not its last.
-            logger.experiment.define_metric("val/acc", summary="max")
-            logger.experiment.define_metric("val/acc_best", summary="max")
-            logger.experiment.define_metric("val/loss", summary="min")
+            if rank_zero_only.rank == 0:  # the W&B run exists on rank zero only
+                if offline and why:
+                    _announce_offline(logger, why)
+                # W&B's run table shows each run's best epoch, not its last.
+                logger.experiment.define_metric("val/acc", summary="max")
+                logger.experiment.define_metric("val/acc_best", summary="max")
+                logger.experiment.define_metric("val/loss", summary="min")
         else:
             logger = instantiate(logger_cfg, save_dir=str(run_dir))
         loggers.append(logger)

@@ -37,7 +37,7 @@ def train(
 
     from trainlab import checkpoint, run
     from trainlab.callbacks import progress_bar
-    from trainlab.guards import StopOnNonFiniteLoss, StopOnSignal
+    from trainlab.guards import RanksAgree, StopOnNonFiniteLoss, StopOnSignal
     from trainlab.loggers import build_loggers
 
     run_dir = Path(run_dir)
@@ -50,15 +50,14 @@ def train(
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from, wandb_id = _resume_point(cfg, run_dir)
 
-    datamodule = instantiate(cfg.data)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
     command = " ".join(["python -m trainlab.train", *overrides])
+    agree = RanksAgree()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
         checkpoint.CheckpointRecord(config),
         StopOnSignal(ckpt_dir, f"{command} resume=auto hydra.run.dir={run_dir}"),
         StopOnNonFiniteLoss(ckpt_dir),
+        agree,
         progress_bar(),
     ]
     if cfg.get("checkpoint_every_n_steps"):
@@ -78,6 +77,14 @@ def train(
         default_root_dir=str(run_dir),
         plugins=[checkpoint.AtomicCheckpointIO()],
     )
+
+    datamodule = instantiate(cfg.data)
+    batch_size, lr = _effective_batch_size_and_lr(cfg, trainer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, lr=lr), scheduler=scheduler)
+    if cfg.get("compile"):
+        model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
+    config["effective_batch_size"], config["effective_lr"] = batch_size, lr
     for logger in loggers:
         logger.log_hyperparams(run.flat_hparams(config, choices))
 
@@ -88,6 +95,9 @@ def train(
         "seed": cfg.seed,
         "threads": threads,
         "resumed_from": str(resume_from) if resume_from else None,
+        "world_size": trainer.world_size,
+        "effective_batch_size": batch_size,
+        "effective_lr": lr,
     }
     started = time.perf_counter()
     try:
@@ -115,6 +125,8 @@ def train(
         record["epochs"] = trainer.current_epoch
         record["steps"] = trainer.global_step
         record["duration_s"] = round(time.perf_counter() - started, 3)
+        if agree.agree is not None:
+            record["ranks_agree"] = agree.agree
         callback = trainer.checkpoint_callback
         record["best_ckpt"] = (callback.best_model_path or None) if callback else None
         if trainer.is_global_zero:
@@ -124,6 +136,17 @@ def train(
                 print(f"could not write {run_dir / run.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()
     return record
+
+
+def _effective_batch_size_and_lr(cfg: DictConfig, trainer) -> tuple[int, float]:
+    """The batch size one optimizer step sees, over all devices and accumulated batches, and
+    optimizer.lr scaled to it by lr_scaling.rule (none, linear or sqrt)."""
+    per_step = cfg.data.batch_size * trainer.accumulate_grad_batches
+    if cfg.data.get("per_device"):
+        per_step *= trainer.world_size
+    ratio = per_step / cfg.lr_scaling.base_batch_size
+    factor = {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[cfg.lr_scaling.rule]
+    return per_step, cfg.optimizer.lr * factor
 
 
 def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
@@ -165,7 +188,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     sweep = os.environ.get(process_launcher.SWEEP_ENV) or (
         Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     )
-    print_config(cfg)
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print_config(cfg)  # once, not once per process of a distributed run
     try:
         record = train(
             cfg,

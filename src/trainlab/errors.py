@@ -15,7 +15,10 @@ def exit_with(error: UserError) -> None:
     """Print a UserError as one paragraph and exit 2 (or re-raise it under HYDRA_FULL_ERROR=1)."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"error: {error}", file=sys.stderr)
+    message = str(error)
+    if "Original Traceback" in message:  # raised in a DataLoader worker: keep its own words
+        message = message.rstrip().splitlines()[-1].split("UserError: ", 1)[-1]
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -3,12 +3,14 @@ normalises whole batches on the training device."""
 
 from trainlab.data.base import InMemoryDataModule
 from trainlab.data.digits import DigitsDataModule
+from trainlab.data.folder import ImageFolderDataModule
 from trainlab.data.vision import CIFAR10DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "ImageFolderDataModule",
     "InMemoryDataModule",
     "MNISTDataModule",
 ]

@@ -194,3 +194,20 @@ def test_compiled_model_checkpoints_load_into_a_plain_model(tmp_path):
     assert not any("_orig_mod" in key for key in ckpt["state_dict"])
     model = checkpoint.build_model(ckpt)  # plain, uncompiled
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_ddp_run_is_reproducible_from_its_seed(tmp_path):
+    records = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        result = run_cli(
+            "trainlab.train", *DDP, "logger=csv", "seed=3", f"hydra.run.dir={run_dir}", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        records.append(json.loads((run_dir / "metrics.json").read_text()))
+    metrics = [{k: v for k, v in r.items() if "/" in k} for r in records]
+    assert metrics[0] == metrics[1]
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -83,6 +83,7 @@ def test_two_nodes_under_torchrun_share_one_run_and_its_weights(tmp_path):
     assert record["ranks_agree"] is True  # both ranks checked their weights' checksums
 
 
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_whole_job_soon(tmp_path):
     port = free_port()
     started = time.monotonic()
@@ -116,6 +117,7 @@ def test_batch_size_and_learning_rate_policy(compose):
     ) == (256, 4e-3)
 
 
+@pytest.mark.slow
 def test_sweep_through_submitit_runs_the_jobs(tmp_path):
     result = run_cli(
         "trainlab.train",

@@ -91,7 +91,10 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     assert epochs_with_val == {"0", "1", "2", "3"}
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)
 def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code):
     proc = start(tmp_path, *RUN, "trainer.max_epochs=50")
     first = wait_for("logs/train/runs/*/checkpoints/last.ckpt", tmp_path, proc)

@@ -270,6 +270,7 @@ def test_compare_a_partly_failed_sweep_from_the_command_line(failing_grid, tmp_p
     assert len((tmp_path / "lr_sweep.png").read_bytes()) > 10_000
 
 
+@pytest.mark.slow
 def test_compare_groups_runs_that_differ_only_by_seed(tmp_path):
     result = run_cli("trainlab.train", "-m", "seed=1,2", *FAST, "test=false", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

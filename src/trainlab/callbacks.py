@@ -1,9 +1,12 @@
-"""Callbacks of our own; the standard ones come from Lightning through conf/callbacks/."""
+"""Callbacks of our own, and a profiler that costs nothing; the standard callbacks come from
+Lightning through conf/callbacks/."""
 
+import contextlib
 import sys
 import time
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.profilers import Profiler
 
 
 class EpochLines(ProgressBar):
@@ -44,6 +47,55 @@ class EpochLines(ProgressBar):
         print(f"epoch {trainer.current_epoch + 1}{epochs}  {shown}  ({took:.1f}s)", flush=True)
 
 
+class LiveBar(RichProgressBar):
+    """Rich's live bar, redrawn at most every `interval` seconds instead of after every step.
+
+    Each redraw reads the logged values (on a GPU, a wait for the device) and costs about 0.3 ms
+    (bench/RESULTS.md): a quarter of a small net's step. The last batch of a loop always draws.
+    """
+
+    def __init__(self, interval: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.interval = interval
+        self._drawn = 0.0
+
+    def _due(self, batch_idx: int, total: float) -> bool:
+        now = time.monotonic()
+        if now - self._drawn < self.interval and batch_idx + 1 < total:
+            return False
+        self._drawn = now
+        return True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._due(batch_idx, self.total_train_batches):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+        if self._due(batch_idx, self.total_val_batches_current_dataloader):
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, *args)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args) -> None:
+        if self._due(batch_idx, self.total_test_batches_current_dataloader):
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, *args)
+
+
 def progress_bar() -> ProgressBar:
     """A live bar in a terminal, one line per epoch when output goes to a file or pipe."""
-    return RichProgressBar() if sys.stdout.isatty() else EpochLines()
+    return LiveBar() if sys.stdout.isatty() else EpochLines()
+
+
+class NullProfiler(Profiler):
+    """Times nothing, at no cost. Lightning wraps each hook call in its profiler's context even
+    when no profiler is asked for: with its PassThroughProfiler that is about 140 contexts built
+    and left a step, 0.05 ms (bench/RESULTS.md); here they are one shared no-op context."""
+
+    _nothing = contextlib.nullcontext()
+
+    def start(self, action_name: str) -> None:
+        pass
+
+    def stop(self, action_name: str) -> None:
+        pass
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return self._nothing

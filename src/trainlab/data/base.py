@@ -1,14 +1,22 @@
+from __future__ import annotations
+
+import os
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from trainlab.data.augment import crop_flip, per_sample_crop_flip
+from trainlab.data.memory import MemoryLoader
 from trainlab.errors import UserError
 
 # The validation split is carved from the training split with this fixed seed, so that every
 # run (whatever its own seed) is validated and tested on the same samples.
 SPLIT_SEED = 1234
+LOADERS = ("memory", "dataloader")
+PADDING = 4  # of the random crops, in pixels: the usual choice for 32x32 images
 
 
 class InMemoryDataModule(pl.LightningDataModule):
@@ -16,6 +24,12 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     Subclasses implement `load()` and set `mean` and `std` (per channel, on the 0..1 scale).
     `batch_size` is the global batch size: with N devices each one gets batch_size / N.
+
+    `loader="memory"` keeps each split as one tensor on the training device and slices batches
+    from it (`MemoryLoader`); `loader="dataloader"` goes through torch's DataLoader, sample by
+    sample, with `num_workers` worker processes, as a data set too big for memory would.
+    `augment` adds random crops and horizontal flips to the training batches, on either path.
+    Batches are normalised on the device either way.
     """
 
     mean: tuple[float, ...]
@@ -28,6 +42,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         num_classes: int,
         input_shape: list[int],
         val_size: int | float = 0.1,
+        loader: str = "memory",
+        augment: bool = False,
+        num_workers: int | str = "auto",
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -35,7 +52,12 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.val_size = val_size
+        self.loader = loader
+        self.augment = augment
+        self.num_workers = num_workers
         self.splits: dict[str, TensorDataset] = {}
+        self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._normalise: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Return {"train": (x, y), "test": (x, y)} and optionally "val"; x is uint8 NCHW."""
@@ -51,7 +73,18 @@ class InMemoryDataModule(pl.LightningDataModule):
             )
         return self.batch_size // devices
 
+    @property
+    def device(self) -> torch.device:
+        """Where training runs: the memory path keeps its tensors there."""
+        return (
+            self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        )
+
     def setup(self, stage: str | None = None) -> None:
+        if self.loader not in LOADERS:
+            raise UserError(
+                f"data.loader must be one of {', '.join(LOADERS)}, but it is {self.loader!r}."
+            )
         if self.splits:
             return
         data = self.load()
@@ -82,18 +115,102 @@ class InMemoryDataModule(pl.LightningDataModule):
         val, train = order[:n_val], order[n_val:]
         return (x[train], y[train]), (x[val], y[val])
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size_per_device, shuffle=True)
+    def train_dataloader(self) -> MemoryLoader | DataLoader:
+        return self._make_loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], batch_size=self.batch_size_per_device)
+    def val_dataloader(self) -> MemoryLoader | DataLoader:
+        return self._make_loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["test"], batch_size=self.batch_size_per_device)
+    def test_dataloader(self) -> MemoryLoader | DataLoader:
+        return self._make_loader("test")
+
+    def _make_loader(self, split: str) -> MemoryLoader | DataLoader:
+        train = split == "train"
+        # Lightning's overfit_batches wants the same few batches every epoch
+        shuffle = train and not (self.trainer is not None and self.trainer.overfit_batches)
+        if self.loader == "dataloader":
+            return self._dataloader(split, shuffle)
+        x, y = self._on_device_tensors(split)
+        return MemoryLoader(
+            x,
+            y,
+            self.batch_size_per_device,
+            train=train,
+            shuffle=shuffle,
+            augment=partial(crop_flip, padding=PADDING) if train and self.augment else None,
+            seed=self._shuffle_seed() if train else 0,
+            rank=self.trainer.global_rank if self.trainer is not None else 0,
+            world_size=self.trainer.world_size if self.trainer is not None else 1,
+        )
+
+    def _on_device_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's tensors on the training device, moved there once."""
+        key = (split, self.device)
+        if key not in self._on_device:
+            x, y = self.splits[split].tensors
+            self._on_device[key] = (x.to(self.device), y.to(self.device))
+        return self._on_device[key]
+
+    def _shuffle_seed(self) -> int:
+        # The seed torch was last seeded with: the run's seed (seed_everything sets it), else a
+        # random one. Every rank must shuffle alike, so rank 0's wins.
+        seed = torch.initial_seed() % 2**62
+        return self.trainer.strategy.broadcast(seed) if self.trainer is not None else seed
+
+    def _dataloader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset: Dataset = self.splits[split]
+        per_sample_work = split == "train" and self.augment
+        if per_sample_work:
+            dataset = _Transformed(dataset, per_sample_crop_flip(self.input_shape[1:], PADDING))
+        workers = self._workers(per_sample_work)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size_per_device,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+
+    def _workers(self, per_sample_work: bool) -> int:
+        """`auto`: none for plain slices of tensors in memory, where workers would only add
+        copies between processes (twice as slow, measured); else the cores that this process's
+        torch threads leave free, shared among the devices."""
+        if self.num_workers != "auto":
+            return int(self.num_workers)
+        if not per_sample_work:
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        return max(0, min(8, (cores or 1) // devices - torch.get_num_threads()))
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        # A pair of tensors, often already there (memory path): skip Lightning's generic walk.
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # Normalise on the device, after moving uint8 (a quarter of the bytes of float32).
+        # Normalise on the device, after moving uint8 (a quarter of the bytes of float32), as
+        # x * (1 / (255 std)) - mean / std in place on a fresh float copy: 3 to 4 times faster
+        # than addcmul, and the constants are made once per device.
         x, y = batch
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float().div_(255) - mean) / std, y
+        if x.device not in self._normalise:
+            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            self._normalise[x.device] = (1 / (255 * std), -mean / std)
+        scale, shift = self._normalise[x.device]
+        return x.to(torch.float32, copy=True).mul_(scale).add_(shift), y
+
+
+class _Transformed(Dataset):
+    """A (image, label) data set with `transform` applied to each image as it is read."""
+
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return self.transform(x), y

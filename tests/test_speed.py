@@ -1,0 +1,151 @@
+"""What the template does to keep a training step cheap, checked for what it must still deliver:
+epoch means of loss and accuracy, the loss every few steps in metrics.csv, a live bar that ends
+complete, torch's own CUDA check while training on the CPU, channels_last nets.
+
+No timing here: what these save is measured by bench/throughput.py (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from trainlab.callbacks import LiveBar, NullProfiler
+from trainlab.classifier import Classifier
+from trainlab.nets import MLP, SmallCNN
+from trainlab.train import train
+
+
+@pytest.fixture
+def digits(compose):
+    def make():
+        dm = instantiate(compose("data=digits").data)
+        dm.setup("fit")
+        return dm
+
+    return make
+
+
+def mlp() -> Classifier:
+    return Classifier(MLP([1, 8, 8], 10), 10, partial(torch.optim.Adam, lr=1e-3))
+
+
+def fit(dm, callbacks, **trainer_args) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **{"max_epochs": 1, "enable_progress_bar": False, **trainer_args},
+    )
+    trainer.fit(mlp(), datamodule=dm)
+    return trainer
+
+
+def test_epoch_loss_is_the_sample_weighted_mean_of_the_steps(digits):
+    class Steps(pl.Callback):
+        def __init__(self):
+            self.loss, self.samples = 0.0, 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.loss += float(outputs["loss"]) * len(batch[1])
+            self.samples += len(batch[1])
+
+    steps = Steps()
+    dm = digits()
+    trainer = fit(dm, [steps], limit_val_batches=0)
+    assert steps.samples == len(dm.splits["train"])  # the last batch is partial: weights matter
+    loss = float(trainer.callback_metrics["train/loss_epoch"])
+    assert loss == pytest.approx(steps.loss / steps.samples, rel=1e-5)
+
+
+def test_epoch_accuracy_counts_the_correct_predictions(digits):
+    dm = digits()
+    model = Classifier(MLP([1, 8, 8], 10, dropout=0.0), 10, partial(torch.optim.SGD, lr=0.0))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)  # lr 0: the weights never move, so accuracy is fixed
+    x, y = dm.on_after_batch_transfer(dm.splits["train"].tensors, 0)
+    expected = (model(x).argmax(1) == y).float().mean()
+    assert float(trainer.callback_metrics["train/acc"]) == pytest.approx(float(expected))
+
+
+def test_the_step_loss_is_logged_every_n_steps(compose, tmp_path):
+    overrides = ["logger=csv", "trainer.max_epochs=1", "trainer.log_every_n_steps=5"]
+    train(compose(*overrides, "test=false"), tmp_path)
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row["train/loss_step"]]
+    assert steps == [4, 9, 14, 19]  # 21 batches of digits: Lightning's steps 5, 10, 15, 20
+
+
+def test_cpu_training_uses_torchs_own_cuda_check_and_restores_lightnings(digits, monkeypatch):
+    class During(pl.Callback):
+        seen: list = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.seen.append(os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as importing Lightning sets it
+    during = During()
+    fit(digits(), [during], limit_val_batches=0)
+    assert during.seen and set(during.seen) == {None}
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+
+
+@pytest.mark.parametrize(("interval", "draws"), [(0.0, 21), (3600.0, 2)])
+def test_live_bar_draws_less_often_and_ends_complete(digits, interval, draws):
+    class Counting(LiveBar):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.train_draws = 0
+
+        def _update_metrics(self, trainer, pl_module) -> None:
+            if trainer.training and not trainer.sanity_checking:
+                self.train_draws += 1
+            super()._update_metrics(trainer, pl_module)
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            task = self.progress.tasks[self.train_progress_bar_id]
+            self.completed = (task.completed, task.total)
+            super().on_train_epoch_end(trainer, pl_module)
+
+    console = {"file": io.StringIO(), "force_terminal": True, "width": 100}
+    bar = Counting(interval=interval, console_kwargs=console)
+    fit(digits(), [bar], enable_progress_bar=True, limit_val_batches=0)
+    # draws after steps (21 a epoch), and one at the epoch's end
+    assert bar.train_draws == draws + 1
+    assert bar.completed == (21, 21)
+
+
+def test_channels_last_model_computes_the_same_logits():
+    torch.manual_seed(0)
+    net = SmallCNN([3, 16, 16], 10)
+    x = torch.randn(4, 3, 16, 16)
+    expected = net.eval()(x)
+    model = Classifier(net, 10, partial(torch.optim.SGD, lr=0.1), channels_last=True).eval()
+    conv = next(m for m in model.net if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_default_trainer_profiles_nothing_and_debug_profiler_still_profiles(compose):
+    default = instantiate(compose().trainer, logger=False)
+    assert isinstance(default.profiler, NullProfiler)
+    assert default.profiler.profile("a") is default.profiler.profile("b")  # nothing built
+    profiled = instantiate(compose("debug=profiler").trainer, logger=False)
+    assert type(profiled.profiler).__name__ == "SimpleProfiler"

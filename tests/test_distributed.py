@@ -15,6 +15,7 @@ import torch
 from conftest import run_cli
 
 from trainlab import checkpoint
+from trainlab.errors import UserError
 from trainlab.train import _effective_batch_size_and_lr
 
 DDP = ("trainer=ddp_cpu", "trainer.devices=2", "debug=limit")
@@ -115,6 +116,19 @@ def test_batch_size_and_learning_rate_policy(compose):
     assert effective(
         "data.batch_size=64", "+trainer.accumulate_grad_batches=4", "lr_scaling.rule=linear"
     ) == (256, 4e-3)
+    # the option that makes data.batch_size each device's batch
+    two = ("trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=32")
+    assert effective(*two, "data.per_device=true", "lr_scaling.rule=linear") == (64, 1e-3)
+
+    for per_device, expected in (("false", 16), ("true", 32)):
+        cfg = compose("logger=csv", *two, f"data.per_device={per_device}")
+        datamodule = instantiate(cfg.data)
+        datamodule.trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert datamodule.batch_size_per_device == expected
+    datamodule.per_device = False
+    datamodule.batch_size = 33
+    with pytest.raises(UserError, match="divide evenly across the 2 devices"):
+        datamodule.batch_size_per_device  # noqa: B018
 
 
 @pytest.mark.slow

@@ -19,11 +19,27 @@ LOADERS = ("memory", "dataloader")
 PADDING = 4  # of the random crops, in pixels: the usual choice for 32x32 images
 
 
+def per_device_batch_size(batch_size: int, trainer, per_device: bool = False) -> int:
+    """The policy: data.batch_size is the global batch size, split evenly across the devices
+    of all nodes; with data.per_device=true it is each device's batch instead."""
+    devices = trainer.world_size if trainer is not None else 1
+    if per_device:
+        return batch_size
+    if batch_size % devices:
+        raise UserError(
+            f"data.batch_size={batch_size} is the global batch size and must divide evenly "
+            f"across the {devices} devices: choose a multiple of {devices}, or set "
+            "data.per_device=true to give each device that many."
+        )
+    return batch_size // devices
+
+
 class InMemoryDataModule(pl.LightningDataModule):
     """A data set small enough to hold in memory: each split is a pair (uint8 images, labels).
 
     Subclasses implement `load()` and set `mean` and `std` (per channel, on the 0..1 scale).
-    `batch_size` is the global batch size: with N devices each one gets batch_size / N.
+    `batch_size` is the global batch size: with N devices each one gets batch_size / N
+    (`per_device=True`: each gets batch_size).
 
     `loader="memory"` keeps each split as one tensor on the training device and slices batches
     from it (`MemoryLoader`); `loader="dataloader"` goes through torch's DataLoader, sample by
@@ -45,10 +61,12 @@ class InMemoryDataModule(pl.LightningDataModule):
         loader: str = "memory",
         augment: bool = False,
         num_workers: int | str = "auto",
+        per_device: bool = False,
     ):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
+        self.per_device = per_device
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.val_size = val_size
@@ -65,13 +83,7 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     @property
     def batch_size_per_device(self) -> int:
-        devices = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % devices:
-            raise UserError(
-                f"data.batch_size={self.batch_size} is the global batch size and must divide "
-                f"evenly across the {devices} devices: choose a multiple of {devices}."
-            )
-        return self.batch_size // devices
+        return per_device_batch_size(self.batch_size, self.trainer, self.per_device)
 
     @property
     def device(self) -> torch.device:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from trainlab.data.base import per_device_batch_size
 from trainlab.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -51,9 +52,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         mean: list[float] = (0.5,),
         std: list[float] = (0.5,),
         num_workers: int | str = "auto",
+        per_device: bool = False,
     ):
         super().__init__()
         self.root = Path(data_dir) / root
+        self.per_device = per_device
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
@@ -107,13 +110,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     @property
     def batch_size_per_device(self) -> int:
-        devices = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % devices:
-            raise UserError(
-                f"data.batch_size={self.batch_size} is the global batch size and must divide "
-                f"evenly across the {devices} devices."
-            )
-        return self.batch_size // devices
+        return per_device_batch_size(self.batch_size, self.trainer, self.per_device)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.num_workers

@@ -40,13 +40,17 @@ def compose(tmp_path):
     return _compose
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this one's, less the address of a W&B service that
+    a run made earlier in this process left behind (a child must start its own), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, **extra}
+
+
 def run_cli(
     module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """Run `python -m <module> <args>` as a user would, with this interpreter (and `env` added)."""
-    # A W&B run made earlier in this process leaves the address of its service in the
-    # environment; a child must start its own.
-    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, **(env or {})}
+    env = child_env(**(env or {}))
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

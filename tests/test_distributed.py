@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import child_env, run_cli
 
 from trainlab import checkpoint
 from trainlab.errors import UserError
@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 def torchrun_node(cwd: Path, node_rank: int, port: int, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = child_env()
     command = [
         sys.executable,
         "-m",

@@ -1,7 +1,6 @@
 """Runs die; work must not. Real processes are killed and signalled here, and resumed."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import child_env, run_cli
 
 # A run long enough to be interrupted between epochs (about a second an epoch here).
 RUN = ("model=cnn", "data.batch_size=16", "logger=csv", "test=false")
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = child_env()
     return subprocess.Popen(
         [sys.executable, "-m", "trainlab.train", *args],
         cwd=cwd,

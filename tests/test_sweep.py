@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import child_env, run_cli
 
 from hydra_plugins.trainlab_sweeps.process_launcher import gpu_slots
 from trainlab.compare import compare
@@ -153,7 +153,7 @@ def test_optuna_sweep_interrupted_then_resumed(tmp_path):
         "hydra.sweeper.n_trials=4",
         "hydra.sweeper.study_name=resume",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = child_env()
     study_dir = tmp_path / "logs" / "train" / "optuna" / "resume"
 
     # Start the study and kill the whole process tree while its third trial runs.
@@ -229,7 +229,7 @@ def test_wandb_sweep_definition_and_the_agents_command(tmp_path):
         else:
             command.append(part)
     assert command[1:4] == ["-m", "trainlab.train", "debug=limit"]
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env = child_env()
     run = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

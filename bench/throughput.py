@@ -5,19 +5,20 @@ same data
         `python -m trainlab.train` would build it, with the default callbacks and the CSV logger;
   (ii)  through a minimal hand-written loop in best plain practice: the training split as one
         normalised tensor in memory, batches by index, zero_grad(set_to_none=True), the same
-        net, optimizer, schedule, threads and batch size;
+        net (initialised alike), optimizer, schedule, order of samples, threads and batch size;
   (iii) at the compute floor: forward, backward and optimizer step on one fixed batch;
 
 all in this one process, and prints samples per second and the ratios template/raw and
 template/floor. Only training steps are timed, after a warm-up: the template's clock skips the
-gap between epochs (validation, checkpoints), whose cost the `overhead` and `accuracy` parts
-measure. Rounds alternate raw and template, and the best round of each counts, so that a burst
-of load from another process does not decide a ratio.
+gap between epochs (validation, checkpoints), whose cost the `epoch` and `accuracy` parts
+measure. Rounds alternate floor, raw and template, and the best round of each counts, so that a
+burst of load from another process does not decide a ratio; the process keeps freed memory in
+its heap (`steady_malloc`), for all three alike.
 
   python bench/throughput.py --quick      # throughput only, under 3 minutes on 2 CPU cores
-  python bench/throughput.py              # + overhead of the defaults, time to accuracy, start-up
-  python bench/throughput.py --parts overhead,epoch   # any of throughput, overhead, epoch,
-                                                      # accuracy, startup
+  python bench/throughput.py              # all parts: throughput, overhead (what each default
+                                          # costs a step), epoch, accuracy, startup
+  python bench/throughput.py --parts overhead,epoch
   python bench/throughput.py --device cuda --precision bf16-mixed --channels-last
 
 MNIST-sized data: the real MNIST under --data-dir when it is there, else 70,000 28x28 digits
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import logging
 import math
@@ -325,6 +327,50 @@ def raw(case: Case, warmup: int, steps: int, lightning_env: bool = False) -> flo
         return samples / (time.perf_counter() - started)
 
 
+def bare_lightning(case: Case, warmup: int, steps: int) -> float:
+    """Lightning's loop and nothing else: the raw loop's net, optimizer, schedule and batches
+    in a minimal LightningModule, with no logger, callbacks, progress bar or checkpoints."""
+    import lightning.pytorch as pl
+
+    plain = Plain(case, total_steps=warmup + steps)
+
+    class Batches:
+        def __len__(self) -> int:
+            return plain.steps_per_epoch
+
+        def __iter__(self):
+            yield from plain.epoch(0)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = plain.net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            scheduler = {"scheduler": plain.scheduler, "interval": "step"}
+            return {"optimizer": plain.optimizer, "lr_scheduler": scheduler}
+
+    timer = StepTimer(warmup, steps, case.device)
+    trainer = pl.Trainer(
+        accelerator=case.device,
+        devices=1,
+        precision=case.precision if case.precision != "32" else "32-true",
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    with quiet():
+        trainer.fit(Module(), train_dataloaders=Batches())
+    return timer.rate
+
+
 def floor(case: Case, warmup: int, steps: int) -> float:
     with plain_torch():
         plain = Plain(case, total_steps=warmup + steps)
@@ -379,7 +425,7 @@ def overhead(case: Case, seconds: float, rounds: int) -> None:
         "in a terminal: the template's bar (LiveBar)": ([], "template"),
         "in a terminal: Lightning's RichProgressBar": ([], "lightning"),
         "trainer.log_every_n_steps=1": (["trainer.log_every_n_steps=1"], None),
-        "trainer.log_every_n_steps=50": (["trainer.log_every_n_steps=50"], None),
+        "trainer.log_every_n_steps=10": (["trainer.log_every_n_steps=10"], None),
         "self.log every step (Lightning's usual)": (["model._target_=__main__.LogEveryStep"], None),
         "torchmetrics accuracy every step": (["model._target_=__main__.MetricEveryStep"], None),
         "data.loader=dataloader": (["data.loader=dataloader"], None),
@@ -390,10 +436,14 @@ def overhead(case: Case, seconds: float, rounds: int) -> None:
     }
     results = {name: [] for name in variants}
     results["raw loop"], results["raw loop with Lightning's NVML check"] = [], []
+    results["Lightning's bare loop, around the raw loop's step"] = []
     for _ in range(rounds):
         results["raw loop"].append(raw(case, warmup, steps))
         nvml = raw(case, warmup, steps, lightning_env=True)
         results["raw loop with Lightning's NVML check"].append(nvml)
+        results["Lightning's bare loop, around the raw loop's step"].append(
+            bare_lightning(case, warmup, steps)
+        )
         for name, (extra, bar) in variants.items():
             with live_progress_bar(bar) if bar else contextlib.nullcontext():
                 results[name].append(template(case, warmup, steps, *extra))
@@ -494,7 +544,8 @@ def accuracy(case: Case, target: float, epochs: int) -> None:
     ):
         shown = ", ".join(f"{a:.3f}" for a in accs)
         print(f"| {name} | {t:.1f} | {e if e else 'not reached'} | {shown} |")
-    print(f"\nraw/template time: {t_raw / t_template:.2f}")
+    print(f"\ntemplate/raw speed to {target:.0%} (raw seconds / template seconds): ", end="")
+    print(f"{t_raw / t_template:.2f}")
 
 
 class AccuracyClock(Callback):
@@ -605,6 +656,21 @@ def startup(data_overrides: list[str]) -> None:
             print(f"| {name} | {min(times):.2f} |")
 
 
+def steady_malloc() -> str:
+    """Keep freed memory in the process (glibc). By default glibc hands big freed blocks back to
+    the system and maps them afresh on the next step: page faults that made a CNN step on this
+    machine vary from 115 to 200 ms, against a steady 107 ms without them. All three loops run
+    in this process, so all three get the same allocator."""
+    if not sys.platform.startswith("linux"):
+        return "system default"
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        if libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30):
+            return "glibc, blocks up to 32 MiB kept in the heap"
+    return "system default"
+
+
 def machine(args) -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -631,12 +697,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="alternating rounds of raw and template")
     args = parser.parse_args()
     parts = ["throughput"] if args.quick else args.parts.split(",")
-    seconds = args.seconds or (1.0 if args.quick else 3.0)
+    seconds = args.seconds or (1.5 if args.quick else 3.0)
     rounds = args.rounds or (2 if args.quick else 3)
-    min_steps = 8 if args.quick else 30
+    min_steps = 15 if args.quick else 30
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     run.set_threads("auto")  # what the template's `threads: auto` picks
+    allocator = steady_malloc()
     os.environ.setdefault("WANDB_SILENT", "true")
     mnist_root, mnist_kind = mnist_dir(args.data_dir)
     mnist = ["data=mnist", f"paths.data_dir={mnist_root}", "data.download=false"]
@@ -644,6 +711,7 @@ def main() -> None:
     print(f"# trainlab benchmark: {machine(args)}")
     print(f"MNIST-sized data: {mnist_kind}; CIFAR-10-sized data: {cifar_kind}")
     print(f"device {args.device}, precision {args.precision}, channels_last {args.channels_last}")
+    print(f"memory allocator: {allocator}")
 
     def case(model: str, data: str, batch: int) -> Case:
         over = mnist if data == "mnist" else cifar

@@ -2,6 +2,7 @@
 Lightning through conf/callbacks/."""
 
 import contextlib
+import math
 import sys
 import time
 
@@ -57,7 +58,7 @@ class LiveBar(RichProgressBar):
     def __init__(self, interval: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.interval = interval
-        self._drawn = 0.0
+        self._drawn = -math.inf  # the first batch draws, however recently the clock started
 
     def _due(self, batch_idx: int, total: float) -> bool:
         now = time.monotonic()

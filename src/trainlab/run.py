@@ -49,6 +49,9 @@ def quiet_lightning() -> None:
         "ignore", message="Experiment logs directory .* exists and is not empty"
     )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Steps are counted across epochs: an epoch shorter than log_every_n_steps still gets the
+    # step loss logged every log_every_n_steps steps, and its epoch means every epoch.
+    warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than")
 
 
 def print_config(cfg: Any) -> None:

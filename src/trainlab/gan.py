@@ -1,0 +1,191 @@
+"""The LightningModule for a GAN: a generator and a discriminator trained in turn on each batch,
+by hand (Lightning's manual optimisation), with a grid of samples saved every epoch."""
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import nn
+from torchvision.io import write_png
+from torchvision.utils import make_grid
+
+from trainlab.errors import UserError
+
+# What the epoch means hold, in the order of the sums kept on the device.
+MEANS = ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake")
+
+
+class GAN(pl.LightningModule):
+    """Non-saturating GAN training of `generator` against `discriminator`, one step of each per
+    batch. Real images are mapped onto the generator's tanh range, [-1, 1], before the
+    discriminator sees them.
+
+    `optimizer` builds both optimizers (the same settings for each); `scheduler`, when given,
+    builds one schedule per optimizer, both stepped once per batch. Logged once an epoch:
+    train/d_loss, train/g_loss, and the discriminator's mean probability of "real" on real
+    images (train/d_real, D(x)) and on generated ones before its step (train/d_fake, D(G(z))).
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        latent_dim: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        num_samples: int = 64,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent_dim = latent_dim
+        self.make_optimizer = optimizer
+        self.make_scheduler = scheduler
+        # The latent batch behind every epoch's grid: a buffer, so that it is in checkpoints and
+        # a resumed run goes on drawing the same samples.
+        self.register_buffer("fixed_z", torch.randn(num_samples, latent_dim))
+        # Summed on the device each step (weighted by batch size), logged once an epoch.
+        self._sums = torch.zeros(len(MEANS))
+        self._samples = 0
+        self._means_logged = False
+        self._to_tanh: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def net(self) -> nn.Module:
+        """What `compile=true` compiles: the generator (the discriminator stays eager)."""
+        return self.generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+    def on_train_start(self) -> None:
+        self._reset_sums()
+        # The data modules hand out (x - mean) / std of images on the 0..1 scale; the generator
+        # draws in [-1, 1]. So real batches become 2 (x std + mean) - 1 = x (2 std) + (2 mean - 1),
+        # one multiply-add with constants made here, on the training device.
+        datamodule = self.trainer.datamodule
+        if not (hasattr(datamodule, "mean") and hasattr(datamodule, "std")):
+            raise UserError(
+                "the GAN needs a data module with the `mean` and `std` its batches are "
+                "normalised with (every trainlab data module has them): train it with "
+                "trainer.fit(model, datamodule=...)."
+            )
+        mean = torch.tensor(datamodule.mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(datamodule.std, device=self.device).view(1, -1, 1, 1)
+        self._to_tanh = (2 * std, 2 * mean - 1)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        scale, shift = self._to_tanh
+        real = x * scale + shift
+        opt_d, opt_g = self.optimizers()
+        fake = self.generator(torch.randn(len(real), self.latent_dim, device=real.device))
+
+        # The discriminator learns real -> 1, generated -> 0 (no gradient into the generator).
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake.detach())
+        d_loss = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+        d_loss = d_loss + F.binary_cross_entropy_with_logits(
+            fake_logits, torch.zeros_like(fake_logits)
+        )
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        opt_d.step()
+
+        # The generator, non-saturating: maximise log D(G(z)) rather than minimise
+        # log(1 - D(G(z))), whose gradient vanishes while D rejects the samples easily. The
+        # discriminator is frozen meanwhile, so that no gradient of its weights is computed.
+        self.discriminator.requires_grad_(False)
+        gen_logits = self.discriminator(fake)
+        g_loss = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.discriminator.requires_grad_(True)
+
+        if self.make_scheduler is not None:  # manual optimisation steps the schedules too
+            for scheduler in self.lr_schedulers():
+                scheduler.step()
+
+        stats = [
+            d_loss,
+            g_loss,
+            torch.sigmoid(real_logits).mean(),
+            torch.sigmoid(fake_logits).mean(),
+        ]
+        self._sums.add_(torch.stack(stats).detach(), alpha=len(real))
+        self._samples += len(real)
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_means()  # here, so that callbacks see them at the epoch's end
+        # What the non-finite-loss guard checks: a NaN in either loss shows in the sum.
+        return d_loss.detach() + g_loss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_sums()
+
+    def on_train_epoch_end(self) -> None:
+        if not self._means_logged:  # an epoch cut short, by max_steps or a stop
+            self._log_means()
+        if self.trainer.is_global_zero:
+            self._save_samples()
+
+    def _reset_sums(self) -> None:
+        self._sums = torch.zeros(len(MEANS), device=self.device)
+        self._samples = 0
+        self._means_logged = False
+
+    def _log_means(self) -> None:
+        means = self._sums / max(1, self._samples)
+        for i, name in enumerate(MEANS):
+            shown = name in ("train/d_loss", "train/g_loss")
+            self.log(name, means[i], on_step=False, on_epoch=True, prog_bar=shown, sync_dist=True)
+        self._means_logged = True
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Images on the 0..1 scale for the latent batch `z` (the fixed one by default), drawn
+        with the generator in eval mode (batch norm on its running statistics)."""
+        was_training = self.generator.training
+        self.generator.eval()
+        images = self.generator(self.fixed_z if z is None else z)
+        self.generator.train(was_training)
+        return images.add(1).div(2).clamp(0, 1)
+
+    def _save_samples(self) -> None:
+        """The fixed batch's grid: <run dir>/samples/epoch_NNNN.png, and to TensorBoard and W&B
+        when they log this run."""
+        images = self.sample()
+        nrow = math.ceil(math.sqrt(len(images)))
+        grid = (
+            make_grid(images, nrow=nrow, pad_value=0.5).mul(255).round().to(torch.uint8).cpu()
+        )  # 3 x H x W
+        folder = Path(self.trainer.default_root_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(grid, str(folder / f"epoch_{self.current_epoch:04d}.png"))
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, global_step=self.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("samples", [grid.permute(1, 2, 0).numpy()], step=self.global_step)
+
+    def configure_optimizers(self):
+        optimizers = [
+            self.make_optimizer(params=self.discriminator.parameters()),
+            self.make_optimizer(params=self.generator.parameters()),
+        ]
+        if self.make_scheduler is None:
+            return optimizers
+        total_steps = self.trainer.estimated_stepping_batches  # batches: one step of each a batch
+        if total_steps == float("inf"):
+            raise UserError(
+                "a learning-rate schedule needs a run of known length: set trainer.max_epochs "
+                "or trainer.max_steps, or choose scheduler=none."
+            )
+        return optimizers, [
+            self.make_scheduler(o, total_steps=int(total_steps)) for o in optimizers
+        ]

@@ -35,8 +35,9 @@ class CheckpointRecord(pl.Callback):
 
     Beside Lightning's own state it stores the resolved run config (plain dicts and lists), the
     git commit, the versions of the main packages, the W&B run id (a resumed run continues the
-    same W&B run), and the random number generators' states (a resumed run draws the same
-    dropout masks and data order as an uninterrupted one).
+    same W&B run), the random number generators' states (a resumed run draws the same
+    dropout masks and data order as an uninterrupted one), and the class names where the data
+    set has them (an exported model names its predictions with them).
     """
 
     def __init__(self, config: dict[str, Any]):
@@ -61,6 +62,7 @@ class CheckpointRecord(pl.Callback):
             "packages": _package_versions(),
             "wandb_id": _wandb_id(trainer),
             "rng": _rng_states(),
+            "classes": _class_names(trainer),
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -128,6 +130,14 @@ def _wandb_id(trainer) -> str | None:
         if type(logger).__name__ == "WandbLogger":
             return logger.version
     return None
+
+
+def _class_names(trainer) -> list[str] | None:
+    # Class folders have names (torchvision's ImageFolder keeps them); tensors only have labels.
+    datamodule = trainer.datamodule
+    train = getattr(datamodule, "splits", {}).get("train")
+    classes = getattr(datamodule, "classes", None) or getattr(train, "classes", None)
+    return [str(c) for c in classes] if classes else None
 
 
 def _rng_states() -> dict[str, Any]:

@@ -1,0 +1,227 @@
+"""Classify image files: `python -m trainlab.predict model_path=<file> inputs=[a.png,b.jpg]`.
+
+model_path is a checkpoint (.ckpt) or a model written by `trainlab.export` (.onnx, .pt); inputs
+names image files or folders of them (searched recursively). Each image is read with PIL,
+converted to the model's channel mode (L or RGB) and resized as the training images were. The
+predictions (file, class, probability) are printed as a table and written to
+<run dir>/predictions.csv, or to output=<file> (a .json name writes JSON).
+
+An ONNX model runs on onnxruntime alone: torch is imported only for the other two kinds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from trainlab.config import CONF_DIR, check_command_line
+from trainlab.errors import UserError, exit_with
+
+# The key of the preprocessing JSON: ONNX metadata_props key, TorchScript extra file name.
+METADATA_KEY = "trainlab.json"
+KINDS = {".ckpt": "checkpoint", ".onnx": "onnx", ".pt": "torchscript"}
+
+
+@dataclass
+class Model:
+    """What `predict` needs of any kind of model: its recorded preprocessing, and a function
+    from uint8 images [N, C, H, W] (numpy) to its outputs [N, classes] or [N, 1]."""
+
+    meta: dict[str, Any]
+    run: Callable[[Any], Any]
+
+
+def load_model(path: str | Path) -> Model:
+    path = Path(path)
+    kind = KINDS.get(path.suffix.lower())
+    if kind is None:
+        raise UserError(
+            f"model_path={path} is no kind of model that predict knows (by its suffix): give a "
+            "checkpoint (.ckpt) or a model written by trainlab.export (.onnx or .pt)."
+        )
+    if kind == "checkpoint":
+        import torch
+
+        from trainlab.deploy import from_checkpoint
+
+        model, meta = from_checkpoint(path)  # reports a missing or unreadable file itself
+
+        def run(images):
+            with torch.no_grad():
+                return model(torch.from_numpy(images)).numpy()
+
+        return Model(meta, run)
+    if not path.is_file():
+        raise UserError(f"model {path} does not exist. Write one with python -m trainlab.export.")
+    return load_exported(path, kind)
+
+
+def load_exported(path: Path, kind: str) -> Model:
+    """An ONNX or TorchScript file written by `trainlab.export`, whatever its name."""
+    try:
+        meta_text, run = _open_onnx(path) if kind == "onnx" else _open_torchscript(path)
+    except Exception as e:  # truncated, random bytes, or another format altogether
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"the {kind} model {path} cannot be read ({reason}). It may be truncated or not "
+            f"a {kind} file; export it again with python -m trainlab.export."
+        ) from None
+    if not meta_text:
+        raise UserError(
+            f"{path} records no preprocessing: it was not written by trainlab.export. Export "
+            "the checkpoint with python -m trainlab.export ckpt_path=<file>."
+        )
+    return Model(json.loads(meta_text), run)
+
+
+def _open_onnx(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings are about graph optimisations
+    session = ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+    name = session.get_inputs()[0].name
+    meta_text = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+    return meta_text, lambda images: session.run(None, {name: images})[0]
+
+
+def _open_torchscript(path: Path):
+    import torch
+
+    extra = {METADATA_KEY: ""}
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch, but asked for here
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+
+    def run(images):
+        with torch.no_grad():
+            return module(torch.from_numpy(images)).numpy()
+
+    return extra[METADATA_KEY], run
+
+
+def image_files(inputs: str | Sequence[str]) -> list[Path]:
+    """The files named, and the images inside the folders named, in order."""
+    from PIL import Image
+
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    files: list[Path] = []
+    for item in [inputs] if isinstance(inputs, str) else inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in readable and p.is_file()
+            )
+            if not found:
+                raise UserError(f"the folder {path} holds no image files that PIL can read.")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(
+                f"the input {path} does not exist. inputs=[a.png,b.jpg] names image files, or "
+                "folders of them."
+            )
+    if not files:
+        raise UserError("inputs names no files: give some, e.g. inputs=[a.png,b.jpg].")
+    return files
+
+
+def read_images(files: Sequence[Path], meta: dict[str, Any]):
+    """uint8 [N, C, H, W]: each image in the model's channel mode, resized as in training
+    (PIL's bilinear resize, which torchvision's Resize uses for PIL images)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    height, width = meta["resize"]
+    arrays = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image = image.convert(meta["channels"])
+                pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(
+                f"cannot read the image {path} ({e}). Replace it, or leave it out of inputs."
+            ) from None
+        arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(arrays), dtype=np.uint8)
+
+
+def classify(outputs, meta: dict[str, Any]) -> list[tuple[str, float]]:
+    """(class, its probability) per row: softmax over logits, or sigmoid > 0.5 of one logit."""
+    import numpy as np
+
+    classes = meta["classes"]
+    outputs = outputs.astype(np.float64)
+    if meta["output"] == "binary_logit":
+        positive = 0.5 * (1 + np.tanh(outputs[:, 0] / 2))  # the sigmoid, without overflow
+        return [(classes[int(p > 0.5)], float(max(p, 1 - p))) for p in positive]
+    probs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    return [(classes[i], float(row[i])) for row, i in zip(probs, probs.argmax(axis=1), strict=True)]
+
+
+def predict(cfg: DictConfig, run_dir: str | Path) -> tuple[list[dict[str, Any]], Path]:
+    """Classify cfg.inputs with cfg.model_path; write and return the rows and their file."""
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, but it is {cfg.batch_size!r}.")
+    files = image_files(cfg.inputs)
+    model = load_model(cfg.model_path)
+    rows = []
+    for start in range(0, len(files), cfg.batch_size):
+        batch = files[start : start + cfg.batch_size]
+        outputs = model.run(read_images(batch, model.meta))
+        for path, (label, probability) in zip(batch, classify(outputs, model.meta), strict=True):
+            rows.append({"file": str(path), "class": label, "probability": probability})
+    output = Path(cfg.output or Path(run_dir) / "predictions.csv")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix.lower() == ".json":
+        output.write_text(json.dumps(rows, indent=2) + "\n")
+    else:
+        with open(output, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "class", "probability"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows, output
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    file_width = max(len("file"), *(len(r["file"]) for r in rows))
+    class_width = max(len("class"), *(len(r["class"]) for r in rows))
+    print(f"{'file':<{file_width}}  {'class':<{class_width}}  probability")
+    for r in rows:
+        print(f"{r['file']:<{file_width}}  {r['class']:<{class_width}}  {r['probability']:.4f}")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="predict", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        rows, output = predict(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as e:
+        exit_with(e)
+    print_table(rows)
+    print(f"predictions written to {output}")
+
+
+def main() -> None:
+    try:
+        check_command_line("predict", sys.argv[1:])
+    except UserError as e:
+        exit_with(e)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

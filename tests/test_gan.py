@@ -16,6 +16,7 @@ from test_data import N_VAL, write_mnist
 from torchvision.io import read_image
 
 from trainlab.errors import UserError
+from trainlab.eval import evaluate
 from trainlab.nets.dcgan import Discriminator, Generator
 from trainlab.train import train
 
@@ -123,6 +124,13 @@ def test_both_optimizers_step_every_batch(compose, tmp_path):
         assert state["param_groups"][0]["lr"] < 2e-4 / 2  # past the middle of the cosine
     assert [s["last_epoch"] for s in ckpt["lr_schedulers"]] == [6, 6]
     assert ckpt["state_dict"]["fixed_z"].shape == (64, 64)
+
+    # a GAN has no test or validation metrics: eval says so instead of failing in Lightning
+    for split in ("test", "val"):
+        ckpt_path = tmp_path / "checkpoints" / "last.ckpt"
+        eval_cfg = compose(f"ckpt_path={ckpt_path}", f"split={split}", config="eval")
+        with pytest.raises(UserError, match="has no (test|validation)_step.*samples/"):
+            evaluate(eval_cfg, tmp_path / "eval")
 
 
 def test_resume_auto_continues_as_if_never_stopped(compose, tmp_path):

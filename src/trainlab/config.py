@@ -246,7 +246,8 @@ def known_targets() -> set[str]:
     """Every `_target_` that the config files name: the only code a stored config may build."""
     import re
 
-    pattern = re.compile(r"^\s*_target_:\s*([\w.]+)", re.MULTILINE)
+    # also list items (`- _target_: ...`), as in lists of transforms
+    pattern = re.compile(r"^\s*(?:-\s+)?_target_:\s*([\w.]+)", re.MULTILINE)
     return {m for path in CONF_DIR.rglob("*.yaml") for m in pattern.findall(path.read_text())}
 
 

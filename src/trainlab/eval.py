@@ -26,6 +26,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     import lightning.pytorch as pl
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 
     from trainlab import checkpoint, run
     from trainlab.callbacks import progress_bar
@@ -39,6 +40,13 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
 
     ckpt = checkpoint.read(cfg.ckpt_path)
     model = checkpoint.build_model(ckpt)
+    step = "test_step" if cfg.split == "test" else "validation_step"
+    if not is_overridden(step, model):
+        raise UserError(
+            f"{cfg.ckpt_path} holds a {type(model).__name__}, which has no {step}: it has no "
+            f"{cfg.split} metrics to compute. A GAN is judged by the image grids in its run "
+            "directory's samples/ folder instead."
+        )
     data_cfg = OmegaConf.merge(
         checkpoint.stored_config(ckpt).data, {"data_dir": cfg.paths.data_dir}, cfg.data
     )

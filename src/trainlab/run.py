@@ -52,6 +52,8 @@ def quiet_lightning() -> None:
     # Steps are counted across epochs: an epoch shorter than log_every_n_steps still gets the
     # step loss logged every log_every_n_steps steps, and its epoch means every epoch.
     warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than")
+    # A GAN has no validation step: the data modules' validation split simply goes unused.
+    warnings.filterwarnings("ignore", message="You passed in a `val_dataloader` but have no")
 
 
 def print_config(cfg: Any) -> None:

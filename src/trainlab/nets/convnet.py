@@ -1,0 +1,48 @@
+import math
+
+from torch import nn
+
+from trainlab.errors import UserError
+
+
+class ConvNet(nn.Sequential):
+    """The classic CNN: a 3x3 conv (same padding), ReLU and 2x2 max-pool per entry of
+    `channels`, then the whole last feature map flattened into fc `hidden`, ReLU, dropout and
+    the linear classifier.
+
+    Unlike SmallCNN there is no batch norm and no pooling to a fixed size, so the first fc layer
+    grows with the image: 64 x 7 x 7 inputs for 28x28 images, 64 x 8 x 8 for 32x32.
+    """
+
+    def __init__(
+        self,
+        input_shape: list[int],
+        num_classes: int,
+        channels: list[int] = (32, 64),
+        hidden: int = 128,
+        dropout: float = 0.0,
+    ):
+        c_in, height, width = input_shape
+        if min(height, width) < 2 ** len(channels):
+            raise UserError(
+                f"model.net.channels={list(channels)} pools {height}x{width} images "
+                f"{len(channels)} times, halving them each time, which leaves nothing: "
+                f"use at most {int(math.log2(min(height, width)))} conv layers for this size."
+            )
+        layers: list[nn.Module] = []
+        for c_out in channels:
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel_size=3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            c_in = c_out
+            height, width = height // 2, width // 2
+        layers += [
+            nn.Flatten(),
+            nn.Linear(c_in * height * width, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        ]
+        super().__init__(*layers)

@@ -1,10 +1,12 @@
 """Image files in class folders: real PNG and JPEG files, decoded by real DataLoader workers."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 from hydra.utils import instantiate
 from PIL import Image
@@ -114,3 +116,97 @@ def test_metrics_json_of_a_folder_run(compose, images, tmp_path):
     )
     train(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "finished"
+
+
+def write_lists(images: Path, lists: Path, splits=("train", "val", "test"), seed: int = 0) -> None:
+    """<lists>/<split>.csv naming every image of images/<split>/<class>/, with paths relative to
+    the list file, in shuffled order, after a header line."""
+    rng = np.random.default_rng(seed)
+    lists.mkdir(parents=True, exist_ok=True)
+    for split in splits:
+        files = sorted((images / split).glob("*/*"))
+        lines = [f"{os.path.relpath(f, lists)},{f.parent.name}" for f in files]
+        lines = [lines[i] for i in rng.permutation(len(lines))]
+        (lists / f"{split}.csv").write_text("\n".join(["path,label", *lines]) + "\n")
+
+
+def list_data(compose, *overrides):
+    return instantiate(
+        compose(
+            "data=image_list",
+            "data.lists.train=lists/train.csv",
+            "data.lists.val=lists/val.csv",
+            "data.lists.test=lists/test.csv",
+            "data.num_classes=2",
+            "data.input_shape=[3,32,32]",
+            "data.num_workers=0",
+            *overrides,
+        ).data
+    )
+
+
+def test_list_data_module_reads_what_the_folder_module_reads(compose, images, tmp_path):
+    write_lists(images, tmp_path / "data" / "lists")
+    folder = instantiate(
+        compose("data=image_folder", "data.input_shape=[3,32,32]", "data.num_workers=0").data
+    )
+    listed = list_data(compose, "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]")
+    folder.setup("fit")
+    listed.setup("fit")
+    assert listed.classes == folder.classes == ["cats", "dogs"]
+    for split in ("train", "val", "test"):
+        ours = {Path(p).resolve(): label for p, label in listed.splits[split].samples}
+        theirs = {Path(p).resolve(): label for p, label in folder.splits[split].samples}
+        assert ours == theirs and len(ours) == {"train": 24, "val": 8, "test": 8}[split]
+    # Pixel for pixel, after the same resizing and normalisation (val: no augmentation).
+    by_path = {
+        Path(path).resolve(): listed.splits["val"][i]
+        for i, (path, _) in enumerate(listed.splits["val"].samples)
+    }
+    for i, (path, label) in enumerate(folder.splits["val"].samples):
+        x, y = folder.splits["val"][i]
+        x_listed, y_listed = by_path[Path(path).resolve()]
+        assert y == y_listed == label and torch.equal(x, x_listed)
+
+
+def test_list_labels_can_be_named_in_config(compose, images, tmp_path):
+    write_lists(images, tmp_path / "data" / "lists")
+    listed = list_data(compose, "data.classes=[dogs,cats]")
+    listed.setup("fit")
+    x, y = next(iter(listed.val_dataloader()))
+    assert listed.classes == ["dogs", "cats"]
+    assert x[y == 0].mean() > 0 > x[y == 1].mean()  # label 0 is now the bright dogs
+
+
+@pytest.mark.parametrize(
+    ("split", "line", "says"),
+    [
+        ("train", "../images/train/cats/0.jpg,cats,extra", "expected `path,label`"),
+        ("train", "../images/train/cats/0.jpg", "expected `path,label`"),
+        ("train", "../images/train/cats/missing.png,cats", "missing.png does not exist"),
+        # train's labels make the classes: an unknown one can only turn up in the others
+        ("val", "../images/val/cats/0.jpg,birds", "the label 'birds' is not one of the classes"),
+    ],
+)
+def test_a_bad_line_of_a_list_is_named(compose, images, tmp_path, split, line, says):
+    lists = tmp_path / "data" / "lists"
+    write_lists(images, lists)
+    rows = (lists / f"{split}.csv").read_text().splitlines()
+    rows.insert(3, line)
+    (lists / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match=f"{lists / split}.csv, line 4: .*{says}") as error:
+        list_data(compose).setup("fit")
+    assert "\n" not in str(error.value)
+
+
+def test_a_missing_list_and_a_class_count_mismatch_are_explained(compose, images, tmp_path):
+    write_lists(images, tmp_path / "data" / "lists", splits=("train", "val"))
+    with pytest.raises(UserError, match=r"test.csv does not exist.*data.lists"):
+        list_data(compose).setup("fit")
+    with pytest.raises(UserError, match="must name a list file for train and val"):
+        list_data(compose, "data.lists.val=null").setup("fit")
+    with pytest.raises(UserError, match=r"make 2 classes \(cats, dogs\) but data.num_classes=3"):
+        list_data(compose, "data.lists.test=null", "data.num_classes=3").setup("fit")
+    datamodule = list_data(compose, "data.lists.test=null")
+    datamodule.setup("fit")
+    assert len(datamodule.test_dataloader().dataset) == 8  # no test list: the val list is tested

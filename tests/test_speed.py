@@ -93,6 +93,16 @@ def test_the_step_loss_is_logged_every_n_steps(compose, tmp_path):
     assert steps == [4, 9, 14, 19]  # 21 batches of digits: Lightning's steps 5, 10, 15, 20
 
 
+def test_each_epoch_line_shows_that_epochs_training_loss(compose, tmp_path, capsys):
+    train(compose("logger=csv", "trainer.max_epochs=2", "test=false"), tmp_path)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch ")]
+    shown = [float(x.split("train/loss ")[1].split()[0]) for x in lines]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        logged = [float(r["train/loss_epoch"]) for r in csv.DictReader(f) if r["train/loss_epoch"]]
+    assert len(shown) == len(logged) == 2
+    assert shown == pytest.approx(logged, abs=1e-4)
+
+
 def test_cpu_training_uses_torchs_own_cuda_check_and_restores_lightnings(digits, monkeypatch):
     class During(pl.Callback):
         seen: list = []

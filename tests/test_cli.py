@@ -17,7 +17,7 @@ BAD_OVERRIDES = [
     ("trainer.max_epochs=many", ["trainer.max_epochs", "expects a number"]),
     ("seed=-1", ["seed", "integer >= 0"]),
     ("optimizer=adamm", ["optimizer=adamm", "adam, adamw, sgd", "Did you mean 'optimizer=adam'"]),
-    ("model=resnet", ["model=resnet", "cnn, mlp"]),
+    ("model=resnet", ["model=resnet", "cnn, convnet", "Did you mean 'model=resnet18'"]),
     ("optimizer.lrr=0.1", ["optimizer.lrr", "Did you mean 'optimizer.lr'", "+optimizer.lrr=0.1"]),
     ("trainer.max_epoch=3", ["Did you mean 'trainer.max_epochs'"]),
     ("optimzer=sgd", ["Did you mean 'optimizer'"]),
@@ -39,6 +39,16 @@ def test_bad_override_is_refused_with_a_message(tmp_path, override, words):
     assert "Traceback" not in result.stderr
     assert len(message.splitlines()) == 1  # one paragraph
     assert not (tmp_path / "logs").exists()  # nothing started
+
+
+def test_a_net_that_refuses_its_input_says_why_in_one_paragraph(tmp_path):
+    # 7x7 patches do not tile the digits' 8x8 images: the net's own UserError, not Hydra's
+    # wrapping of it, reaches the user
+    result = run_cli("trainlab.train", "experiment=mnist_vit", "data=digits", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "patch" in message
+    assert "Traceback" not in result.stderr and "InstantiationException" not in result.stderr
 
 
 def test_bad_value_in_a_multirun_stops_before_any_job(tmp_path):

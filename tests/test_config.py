@@ -4,7 +4,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from trainlab.config import CONF_DIR, check_values, group_options
+from trainlab.config import CONF_DIR, check_targets, check_values, group_options
 from trainlab.loggers import build_loggers
 from trainlab.train import _finish_wandb
 
@@ -34,20 +34,48 @@ def test_groups_named_by_the_template_exist():
     assert {"wandb", "csv", "tensorboard", "many"} <= set(group_options("logger"))
 
 
+# Options that do not pair with the default data and model, and what they pair with.
+PARTNERS = {
+    ("model", "binary_cnn"): ["data=image_folder"],  # one sigmoid output: two classes
+    ("model", "lenet"): ["data=image_list"],  # 32x32 inputs
+    ("model", "gpt"): ["data=text"],
+    ("data", "text"): ["model=gpt"],
+}
+
+
+def check_output_shape(model, cfg) -> None:
+    """The model maps a batch of its data's inputs to the outputs its kind promises."""
+    from trainlab.classifier import BinaryClassifier, Classifier
+    from trainlab.gan import GAN
+    from trainlab.language_model import LanguageModel
+
+    if isinstance(model, LanguageModel):
+        tokens = torch.zeros(2, cfg.data.block_size, dtype=torch.long)
+        assert model(tokens).shape == (2, cfg.data.block_size, cfg.model.net.vocab_size)
+    elif isinstance(model, GAN):
+        assert model(torch.zeros(2, cfg.model.latent_dim)).shape == (2, *cfg.data.input_shape)
+    else:
+        assert isinstance(model, Classifier)
+        out = model(torch.zeros(2, *cfg.data.input_shape))
+        width = 1 if isinstance(model, BinaryClassifier) else cfg.data.num_classes
+        assert out.reshape(2, -1).shape == (2, width)
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(compose, tmp_path, group, option):
-    cfg = compose(f"{group}={option}")
+    cfg = compose(f"{group}={option}", *PARTNERS.get((group, option), []))
     check_values(cfg)
 
     datamodule = instantiate(cfg.data)
     assert datamodule.batch_size == cfg.data.batch_size
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler else None
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
-    x = torch.zeros(2, *cfg.data.input_shape)
-    assert model(x).shape == (2, cfg.data.num_classes)
+    check_output_shape(model, cfg)
 
     optimizer = model.make_optimizer(params=model.parameters())
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    # every target a config names is one that stored configs may build
+    check_targets(cfg, f"{group}={option}")
     if scheduler is not None:
         sched = scheduler(optimizer, total_steps=10)
         for _ in range(10):

@@ -22,6 +22,14 @@ def exit_with(error: UserError) -> None:
     raise SystemExit(2)
 
 
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError behind `error`, if any: Hydra's instantiate wraps whatever a constructor
+    raises (a net refusing its input shape, say) in an InstantiationException."""
+    while error is not None and not isinstance(error, UserError):
+        error = error.__cause__
+    return error
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint; `signum` says which."""
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import CONF_DIR, check_command_line, check_targets, check_values
-from trainlab.errors import UserError, exit_with
+from trainlab.errors import UserError, exit_with, user_error_in
 
 
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -79,8 +79,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     try:
         record = evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
-    except UserError as e:
-        exit_with(e)
+    except Exception as e:
+        if user_error_in(e) is None:
+            raise
+        exit_with(user_error_in(e))
     print(f"metrics written to {Path(hc.runtime.output_dir) / 'metrics.json'}")
     return record
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
 from trainlab.config import CONF_DIR, check_command_line, check_values
-from trainlab.errors import Interrupted, UserError, exit_with
+from trainlab.errors import Interrupted, UserError, exit_with, user_error_in
 
 
 def train(
@@ -199,11 +199,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             wandb_group=sweep,
             wandb_name=hc.job.override_dirname or None,
         )
-    except UserError as e:
-        exit_with(e)
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
+    except Exception as e:
+        if user_error_in(e) is None:
+            raise
+        exit_with(user_error_in(e))
     return record.get("val/acc_best")
 
 

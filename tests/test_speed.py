@@ -159,3 +159,33 @@ def test_default_trainer_profiles_nothing_and_debug_profiler_still_profiles(comp
     assert default.profiler.profile("a") is default.profiler.profile("b")  # nothing built
     profiled = instantiate(compose("debug=profiler").trainer, logger=False)
     assert type(profiled.profiler).__name__ == "SimpleProfiler"
+
+
+
+class RecordMode(pl.Callback):
+    """Records whether the model trained with Lightning's automatic optimisation."""
+
+    seen: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        RecordMode.seen.append(pl_module.automatic_optimization)
+
+
+def test_the_plain_step_and_lightnings_automatic_one_train_the_same_weights(compose, tmp_path):
+    # Clipping at a norm no gradient reaches changes no gradient, but needs Lightning's
+    # automatic optimisation; without it the classifier takes the plain step.
+    runs = {"plain": [], "automatic": ["+trainer.gradient_clip_val=1e12"]}
+    RecordMode.seen = []
+    weights = {}
+    for name, extra in runs.items():
+        record_mode = f"+callbacks.mode._target_={__name__}.RecordMode"
+        cfg = compose("logger=csv", "trainer.max_epochs=2", "test=false", record_mode, *extra)
+        record = train(cfg, tmp_path / name)
+        assert record["steps"] == 2 * 21  # every batch one optimizer step, on either path
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        weights[name] = ckpt["state_dict"]
+        assert ckpt["lr_schedulers"][0]["last_epoch"] == 2 * 21  # the schedule stepped alike
+    assert RecordMode.seen == [False, True]
+    assert weights["plain"].keys() == weights["automatic"].keys()
+    for key, tensor in weights["plain"].items():
+        assert torch.equal(tensor, weights["automatic"][key]), key

@@ -29,6 +29,8 @@ from torchmetrics.classification import (
 )
 
 from trainlab.errors import UserError
+from trainlab.loggers import log_image
+from trainlab.schedulers import with_schedule
 
 _NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 CONFUSION = "confusion_matrix"
@@ -107,10 +109,30 @@ class Classifier(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    @property
+    def automatic_optimization(self) -> bool:
+        # Lightning's automatic optimisation (its closure, hooks and bookkeeping) costs about
+        # 0.25 ms a step, a fifth of a small MLP's step (bench/RESULTS.md). What it adds to the
+        # plain step below is gradient accumulation and clipping by Trainer flags: only runs
+        # that set one of those use it. Both paths compute the same weights (tests/test_speed.py).
+        trainer = self._trainer
+        return (
+            trainer is None
+            or trainer.accumulate_grad_batches != 1
+            or bool(trainer.gradient_clip_val)
+        )
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
+        if not self.automatic_optimization:  # the step a plain PyTorch loop takes
+            optimizer = self.optimizers()
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            if self.make_scheduler is not None:
+                self.lr_schedulers().step()
         self._loss_sum.add_(loss.detach(), alpha=len(y))
         self._correct.add_((self._predict(logits) == y).sum())
         self._samples += len(y)
@@ -218,30 +240,11 @@ class Classifier(pl.LightningModule):
         title = f"{split}: {right} of {total} right ({right / max(1, total):.1%})"
         image = _draw_confusion(counts, classes, title)
         Image.fromarray(image).save(run_dir / f"{CONFUSION}_{split}.png")
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
-        tag = f"{split}/{CONFUSION}"
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(tag, image, self.global_step, dataformats="HWC")
-            elif isinstance(logger, WandbLogger):
-                logger.log_image(tag, [image], step=self.global_step)
+        log_image(self.loggers, f"{split}/{CONFUSION}", image, self.global_step)
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(params=self.parameters())
-        if self.make_scheduler is None:
-            return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if total_steps == float("inf"):
-            raise UserError(
-                "a learning-rate schedule needs a run of known length: set trainer.max_epochs "
-                "or trainer.max_steps, or choose scheduler=none."
-            )
-        scheduler = self.make_scheduler(optimizer, total_steps=int(total_steps))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return with_schedule(optimizer, self.make_scheduler, self.trainer)
 
 
 class BinaryClassifier(Classifier):

@@ -8,12 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
 from trainlab.errors import UserError
+from trainlab.loggers import log_image
+from trainlab.schedulers import total_steps
 
 # What the epoch means hold, in the order of the sums kept on the device.
 MEANS = ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake")
@@ -167,11 +168,7 @@ class GAN(pl.LightningModule):
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         write_png(grid, str(folder / f"epoch_{self.current_epoch:04d}.png"))
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("samples", grid, global_step=self.global_step)
-            elif isinstance(logger, WandbLogger):
-                logger.log_image("samples", [grid.permute(1, 2, 0).numpy()], step=self.global_step)
+        log_image(self.loggers, "samples", grid.permute(1, 2, 0).numpy(), self.global_step)
 
     def configure_optimizers(self):
         optimizers = [
@@ -180,12 +177,5 @@ class GAN(pl.LightningModule):
         ]
         if self.make_scheduler is None:
             return optimizers
-        total_steps = self.trainer.estimated_stepping_batches  # batches: one step of each a batch
-        if total_steps == float("inf"):
-            raise UserError(
-                "a learning-rate schedule needs a run of known length: set trainer.max_epochs "
-                "or trainer.max_steps, or choose scheduler=none."
-            )
-        return optimizers, [
-            self.make_scheduler(o, total_steps=int(total_steps)) for o in optimizers
-        ]
+        steps = total_steps(self.trainer)  # batches: one step of each optimizer a batch
+        return optimizers, [self.make_scheduler(o, total_steps=steps) for o in optimizers]

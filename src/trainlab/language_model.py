@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
 from trainlab.errors import UserError
+from trainlab.schedulers import with_schedule
 
 SAMPLE_FILE = "samples.txt"
 SAMPLE = {"prompt": "\n", "length": 500, "temperature": 0.8, "top_k": None}
@@ -145,19 +146,7 @@ class LanguageModel(pl.LightningModule):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         optimizer = self.make_optimizer(params=groups)
-        if self.make_scheduler is None:
-            return optimizer
-        total_steps = self.trainer.estimated_stepping_batches
-        if total_steps == float("inf"):
-            raise UserError(
-                "a learning-rate schedule needs a run of known length: set trainer.max_epochs "
-                "or trainer.max_steps, or choose scheduler=none."
-            )
-        scheduler = self.make_scheduler(optimizer, total_steps=int(total_steps))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        return with_schedule(optimizer, self.make_scheduler, self.trainer)
 
 
 def _check_sample(sample: dict[str, Any]) -> None:

@@ -138,3 +138,15 @@ def _wandb_settings() -> Any:
 def _announce_offline(logger: Any, why: str) -> None:
     run_dir = Path(logger.experiment.dir).parent  # .../wandb/offline-run-<time>-<id>
     print(f"W&B: {why}; logging offline. Upload later with: wandb sync {run_dir}")
+
+
+def log_image(loggers: list[Any], tag: str, image: Any, step: int) -> None:
+    """An H x W x 3 uint8 array to every logger that shows images: TensorBoard and W&B (the CSV
+    logger keeps none; callers also write the image into the run directory)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, image, step, dataformats="HWC")
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(tag, [image], step=step)

@@ -6,9 +6,35 @@ so the LightningModule passes it in) and starts from the optimizer's own lr: a s
 """
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
+
+from trainlab.errors import UserError
+
+
+def total_steps(trainer: Any) -> int:
+    """The run's number of optimizer steps, which a schedule must know from the start."""
+    steps = trainer.estimated_stepping_batches
+    if steps == float("inf"):
+        raise UserError(
+            "a learning-rate schedule needs a run of known length: set trainer.max_epochs "
+            "or trainer.max_steps, or choose scheduler=none."
+        )
+    return int(steps)
+
+
+def with_schedule(
+    optimizer: Optimizer, make_scheduler: Callable[..., LRScheduler] | None, trainer: Any
+) -> Any:
+    """What a LightningModule's configure_optimizers returns: the optimizer, and its schedule
+    (if any) stepped after every optimizer step."""
+    if make_scheduler is None:
+        return optimizer
+    scheduler = make_scheduler(optimizer, total_steps=total_steps(trainer))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LRScheduler:

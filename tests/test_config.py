@@ -125,3 +125,19 @@ def test_experiment_overrides_groups_and_values(compose):
     assert cfg.optimizer.lr == 3e-3
     # the command line still wins over the experiment
     assert compose("experiment=digits_cnn", "optimizer.lr=0.1").optimizer.lr == 0.1
+
+
+def test_onecycle_too_short_to_warm_up_says_what_to_do():
+    from trainlab.errors import UserError
+    from trainlab.schedulers import onecycle
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    with pytest.raises(UserError, match="only 4 optimizer steps.*scheduler=cosine"):
+        onecycle(optimizer, total_steps=4)
+    lrs = []
+    schedule = onecycle(optimizer, total_steps=8)  # two steps of warm-up: fine
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert max(lrs) == pytest.approx(0.1) and lrs[0] < lrs[1] and lrs[-1] < lrs[2]

@@ -161,7 +161,6 @@ def test_default_trainer_profiles_nothing_and_debug_profiler_still_profiles(comp
     assert type(profiled.profiler).__name__ == "SimpleProfiler"
 
 
-
 class RecordMode(pl.Callback):
     """Records whether the model trained with Lightning's automatic optimisation."""
 

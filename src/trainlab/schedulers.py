@@ -51,5 +51,11 @@ def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LRS
 
 def onecycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.25) -> LRScheduler:
     """Smith's one-cycle policy, peaking at the optimizer's lr."""
+    if pct_start * total_steps <= 1:  # torch would divide by zero, or run the warm-up backwards
+        raise UserError(
+            f"scheduler=onecycle warms up over {pct_start:g} of the run, but this run has only "
+            f"{total_steps} optimizer steps: that is not more than one step of warm-up. Train "
+            "for more steps, raise scheduler.pct_start, or choose scheduler=cosine."
+        )
     max_lr = [group["lr"] for group in optimizer.param_groups]
     return OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)

@@ -126,13 +126,8 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self._loss(logits, y)
-        if not self.automatic_optimization:  # the step a plain PyTorch loop takes
-            optimizer = self.optimizers()
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            optimizer.step()
-            if self.make_scheduler is not None:
-                self.lr_schedulers().step()
+        if not self.automatic_optimization:
+            self._plain_step(loss)
         self._loss_sum.add_(loss.detach(), alpha=len(y))
         self._correct.add_((self._predict(logits) == y).sum())
         self._samples += len(y)
@@ -141,6 +136,16 @@ class Classifier(pl.LightningModule):
         if batch_idx + 1 == self.trainer.num_training_batches:
             self._log_train_means()  # here, so that callbacks see them at the epoch's end
         return loss
+
+    def _plain_step(self, loss: torch.Tensor) -> None:
+        """The step a plain PyTorch loop takes: zero the gradients, back-propagate, step the
+        optimizer and the schedule (Lightning's precision and strategy still apply)."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        if self.make_scheduler is not None:
+            self.lr_schedulers().step()
 
     def on_train_epoch_start(self) -> None:
         self._reset_train_sums()

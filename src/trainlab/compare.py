@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainlab.errors import UserError, exit_with
+from trainlab.errors import UserError, exit_on_user_error
 
 IGNORED_IN_GROUPS = ("seed=", "hparams_search=")  # what differs between repeats of one setting
 
@@ -306,10 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no window
-    try:
+    with exit_on_user_error():
         result = compare(args.dirs, args.metric, args.out or args.dirs[0] / "compare", args.top)
-    except UserError as e:
-        exit_with(e)
     if not result["rows"]:
         print(f"error: no finished run has {args.metric}.", file=sys.stderr)
         raise SystemExit(1)

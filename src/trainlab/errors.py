@@ -1,7 +1,9 @@
 """Errors that are the user's to fix: printed as one paragraph, never as a traceback."""
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 
 class UserError(Exception):
@@ -28,6 +30,19 @@ def user_error_in(error: BaseException) -> UserError | None:
     while error is not None and not isinstance(error, UserError):
         error = error.__cause__
     return error
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """For the entry points: a UserError raised inside, wrapped or not, ends the process as one
+    paragraph with exit code 2; any other error goes on up."""
+    try:
+        yield
+    except Exception as e:
+        error = user_error_in(e)
+        if error is None:
+            raise
+        exit_with(error)
 
 
 class Interrupted(Exception):

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.config import CONF_DIR, check_command_line, check_targets, check_values
-from trainlab.errors import UserError, exit_with, user_error_in
+from trainlab.errors import UserError, exit_on_user_error
 
 
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -77,21 +77,15 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    try:
+    with exit_on_user_error():
         record = evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
-    except Exception as e:
-        if user_error_in(e) is None:
-            raise
-        exit_with(user_error_in(e))
     print(f"metrics written to {Path(hc.runtime.output_dir) / 'metrics.json'}")
     return record
 
 
 def main() -> None:
-    try:
+    with exit_on_user_error():
         check_command_line("eval", sys.argv[1:])
-    except UserError as e:
-        exit_with(e)
     _hydra_main()
 
 

@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from trainlab.config import CONF_DIR, check_command_line
-from trainlab.errors import UserError, exit_with
+from trainlab.errors import UserError, exit_on_user_error
 from trainlab.predict import METADATA_KEY, load_exported
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # and the default file names
@@ -107,18 +107,14 @@ def _check(model, path: Path, fmt: str, meta: dict[str, Any]) -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="export", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_user_error():
         path = export(cfg)
-    except UserError as e:
-        exit_with(e)
     print(f"{cfg.format} model written to {path}")
 
 
 def main() -> None:
-    try:
+    with exit_on_user_error():
         check_command_line("export", sys.argv[1:])
-    except UserError as e:
-        exit_with(e)
     _hydra_main()
 
 

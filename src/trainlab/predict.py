@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from trainlab.config import CONF_DIR, check_command_line
-from trainlab.errors import UserError, exit_with
+from trainlab.errors import UserError, exit_on_user_error
 
 # The key of the preprocessing JSON: ONNX metadata_props key, TorchScript extra file name.
 METADATA_KEY = "trainlab.json"
@@ -207,19 +207,15 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    with exit_on_user_error():
         rows, output = predict(cfg, HydraConfig.get().runtime.output_dir)
-    except UserError as e:
-        exit_with(e)
     print_table(rows)
     print(f"predictions written to {output}")
 
 
 def main() -> None:
-    try:
+    with exit_on_user_error():
         check_command_line("predict", sys.argv[1:])
-    except UserError as e:
-        exit_with(e)
     _hydra_main()
 
 

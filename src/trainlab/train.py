@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
 from trainlab.config import CONF_DIR, check_command_line, check_values
-from trainlab.errors import Interrupted, UserError, exit_with, user_error_in
+from trainlab.errors import Interrupted, exit_on_user_error
 
 
 def train(
@@ -191,21 +191,18 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         print_config(cfg)  # once, not once per process of a distributed run
     try:
-        record = train(
-            cfg,
-            run_dir=hc.runtime.output_dir,
-            overrides=list(hc.overrides.task),
-            choices=dict(hc.runtime.choices),
-            wandb_group=sweep,
-            wandb_name=hc.job.override_dirname or None,
-        )
+        with exit_on_user_error():
+            record = train(
+                cfg,
+                run_dir=hc.runtime.output_dir,
+                overrides=list(hc.overrides.task),
+                choices=dict(hc.runtime.choices),
+                wandb_group=sweep,
+                wandb_name=hc.job.override_dirname or None,
+            )
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
-    except Exception as e:
-        if user_error_in(e) is None:
-            raise
-        exit_with(user_error_in(e))
     return record.get("val/acc_best")
 
 
@@ -217,10 +214,8 @@ def main() -> None:
     dry_run = "--dry-run" in sys.argv
     if dry_run:
         sys.argv = [arg for arg in sys.argv if arg != "--dry-run"]
-    try:
+    with exit_on_user_error():
         check_command_line("train", sys.argv[1:])
-    except UserError as e:
-        exit_with(e)
     if dry_run:
         _dry_run_arguments()
     else:

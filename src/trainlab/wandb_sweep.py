@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from trainlab.errors import UserError, exit_with
+from trainlab.errors import UserError, exit_on_user_error
 
 
 def definition(overrides: list[str]) -> dict[str, Any]:
@@ -75,10 +75,8 @@ def definition(overrides: list[str]) -> dict[str, Any]:
 def main() -> None:
     import yaml
 
-    try:
+    with exit_on_user_error():
         print(yaml.safe_dump(definition(sys.argv[1:]), sort_keys=False), end="")
-    except UserError as e:
-        exit_with(e)
 
 
 if __name__ == "__main__":

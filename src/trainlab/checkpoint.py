@@ -133,10 +133,8 @@ def _wandb_id(trainer) -> str | None:
 
 
 def _class_names(trainer) -> list[str] | None:
-    # Class folders have names (torchvision's ImageFolder keeps them); tensors only have labels.
-    datamodule = trainer.datamodule
-    train = getattr(datamodule, "splits", {}).get("train")
-    classes = getattr(datamodule, "classes", None) or getattr(train, "classes", None)
+    # Image folders and lists name their classes (`classes`); tensors only have labels.
+    classes = getattr(trainer.datamodule, "classes", None)
     return [str(c) for c in classes] if classes else None
 
 

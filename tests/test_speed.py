@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from trainlab.callbacks import LiveBar, NullProfiler
 from trainlab.classifier import Classifier
 from trainlab.nets import MLP, SmallCNN
+from trainlab.run import NVML_CHECK, torch_cuda_check
 from trainlab.train import train
 
 
@@ -103,18 +104,42 @@ def test_each_epoch_line_shows_that_epochs_training_loss(compose, tmp_path, caps
     assert shown == pytest.approx(logged, abs=1e-4)
 
 
-def test_cpu_training_uses_torchs_own_cuda_check_and_restores_lightnings(digits, monkeypatch):
-    class During(pl.Callback):
-        seen: list = []
+class RecordCudaCheck(pl.Callback):
+    """Records Lightning's NVML switch as each training step sees it."""
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.seen.append(os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"))
+    seen: list[str | None] = []
 
-    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as importing Lightning sets it
-    during = During()
-    fit(digits(), [during], limit_val_batches=0)
-    assert during.seen and set(during.seen) == {None}
-    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        RecordCudaCheck.seen.append(os.environ.get(NVML_CHECK))
+
+
+@pytest.mark.parametrize("model", ["mlp", "char_gpt"])
+def test_cpu_training_uses_torchs_own_cuda_check_and_restores_lightnings(
+    compose, tmp_path, monkeypatch, model
+):
+    monkeypatch.setenv(NVML_CHECK, "1")  # as importing Lightning sets it
+    RecordCudaCheck.seen = []
+    record = f"+callbacks.nvml._target_={__name__}.RecordCudaCheck"
+    overrides = ["logger=csv", "+trainer.max_steps=3", "+trainer.limit_val_batches=0", "test=false"]
+    if model == "char_gpt":  # a LanguageModel: the same for every LightningModule
+        (tmp_path / "input.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+        overrides += ["experiment=char_gpt", f"data.path={tmp_path / 'input.txt'}"]
+        overrides += ["data.block_size=16", "model.net.n_layer=1", "model.net.n_embd=32"]
+        overrides += ["model.sample.length=5"]
+    train(compose(*overrides, record), tmp_path / "run")
+    assert RecordCudaCheck.seen and set(RecordCudaCheck.seen) == {None}  # every model alike
+    assert os.environ.get(NVML_CHECK) == "1"
+
+
+def test_a_fork_based_launcher_keeps_lightnings_cuda_check(monkeypatch):
+    # Forked processes must not find CUDA initialised: there, only NVML may be asked.
+    monkeypatch.setenv(NVML_CHECK, "1")
+    for strategy, kept in [("ddp_fork", "1"), ("ddp_spawn", None), ("auto", None)]:
+        devices = 1 if strategy == "auto" else 2
+        trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False)
+        with torch_cuda_check(trainer):
+            assert os.environ.get(NVML_CHECK) == kept, strategy
+        assert os.environ.get(NVML_CHECK) == "1"
 
 
 @pytest.mark.parametrize(("interval", "draws"), [(0.0, 21), (3600.0, 2)])

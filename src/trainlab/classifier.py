@@ -5,7 +5,6 @@ Small nets take about a millisecond a step on a CPU, so every per-step cost here
 """
 
 import csv
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from trainlab.errors import UserError
 from trainlab.loggers import log_image
 from trainlab.schedulers import with_schedule
 
-_NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 CONFUSION = "confusion_matrix"
 
 
@@ -67,7 +65,6 @@ class Classifier(pl.LightningModule):
         self._correct = torch.zeros((), dtype=torch.long)
         self._samples = 0
         self._means_logged = False
-        self._nvml_check: str | None = None
         # Updated every evaluation step, computed (and so synchronised) once an epoch.
         metrics = MetricCollection(self._metrics(num_classes), compute_groups=True)
         self.val_metrics = metrics.clone(prefix="val/")
@@ -170,16 +167,8 @@ class Classifier(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._reset_train_sums()  # also here: a run resumed mid-epoch starts no epoch
-        # Importing Lightning makes torch ask NVML whether CUDA is there (so that fork-based
-        # strategies can start before CUDA does), and torch's optimizers then ask on every step
-        # of a CPU run: 0.03 to 0.16 ms here. Torch's own check is safe now: the processes exist.
-        if self.device.type == "cpu":
-            self._nvml_check = os.environ.pop(_NVML_CHECK, None)
 
     def on_train_end(self) -> None:
-        if self._nvml_check is not None:
-            os.environ[_NVML_CHECK] = self._nvml_check
-            self._nvml_check = None
         # The latest validation's matrix is drawn once, at the end: a figure of 10 classes takes
         # 0.1 to 0.4 s on a 2-core CPU (and importing matplotlib 0.8 s, once), more than a whole
         # epoch of the default digits run (about 0.2 s). Keeping its counts each epoch is free.

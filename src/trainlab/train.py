@@ -101,7 +101,8 @@ def train(
     }
     started = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        with run.torch_cuda_check(trainer):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         record.update(run.final_metrics(trainer))  # testing replaces Lightning's record of these
         if trainer.interrupted:
             record["status"] = "interrupted"

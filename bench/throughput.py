@@ -54,7 +54,6 @@ from omegaconf import OmegaConf
 from trainlab import run
 from trainlab.data.augment import crop_flip
 from trainlab.data.vision import CIFAR10DataModule
-from trainlab.run import NVML_CHECK
 from trainlab.schedulers import cosine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,16 +238,10 @@ def template(case: Case, warmup: int, steps: int, *extra: str) -> float:
     return StepTimer.last.rate
 
 
-@contextlib.contextmanager
 def plain_torch():
     """As in a script that never imports Lightning. Lightning's import sets NVML_CHECK, after
     which torch asks NVML whether CUDA is there on every Adam step of a CPU run."""
-    saved = os.environ.pop(NVML_CHECK, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[NVML_CHECK] = saved
+    return run.torch_cuda_check()
 
 
 class Plain:

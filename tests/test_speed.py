@@ -140,6 +140,9 @@ def test_a_fork_based_launcher_keeps_lightnings_cuda_check(monkeypatch):
         with torch_cuda_check(trainer):
             assert os.environ.get(NVML_CHECK) == kept, strategy
         assert os.environ.get(NVML_CHECK) == "1"
+    with torch_cuda_check():  # no trainer: always torch's own (the benchmark's plain loops)
+        assert os.environ.get(NVML_CHECK) is None
+    assert os.environ.get(NVML_CHECK) == "1"
 
 
 @pytest.mark.parametrize(("interval", "draws"), [(0.0, 21), (3600.0, 2)])

@@ -34,26 +34,31 @@ def set_threads(threads: int | str) -> int:
 
 
 @contextlib.contextmanager
-def torch_cuda_check(trainer: Any) -> Iterator[None]:
-    """Torch's own test for CUDA while `trainer` runs on the CPU, Lightning's again afterwards.
+def torch_cuda_check(trainer: Any = None) -> Iterator[None]:
+    """Torch's own test for CUDA inside the block, Lightning's again afterwards; with `trainer`,
+    only where it trains on the CPU and without a fork-based launcher.
 
     Importing Lightning sets NVML_CHECK, so that a fork-based launcher can fork before CUDA is
     initialised, and torch's optimizers then ask NVML whether CUDA is there on every step of a
     CPU run: 0.03 to 0.43 ms a step on 2-core machines (bench/RESULTS.md), up to a tenth of a
     small MLP's step. Only fork-based launchers (those that also work in notebooks) need it.
     """
-    from lightning.pytorch.accelerators import CPUAccelerator
-
-    launcher = trainer.strategy.launcher
-    forks = launcher is not None and launcher.is_interactive_compatible
     saved = None
-    if isinstance(trainer.accelerator, CPUAccelerator) and not forks:
+    if trainer is None or _trains_on_cpu_without_fork(trainer):
         saved = os.environ.pop(NVML_CHECK, None)
     try:
         yield
     finally:
         if saved is not None:
             os.environ[NVML_CHECK] = saved
+
+
+def _trains_on_cpu_without_fork(trainer: Any) -> bool:
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    launcher = trainer.strategy.launcher
+    forks = launcher is not None and launcher.is_interactive_compatible
+    return isinstance(trainer.accelerator, CPUAccelerator) and not forks
 
 
 def quiet_lightning() -> None:

@@ -64,12 +64,14 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def write_mnist(root: Path, folder: str = "MNIST") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def write_mnist(
+    root: Path, folder: str = "MNIST", n_train: int = N_TRAIN, n_test: int = N_TEST
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """<root>/<folder>/raw/ with the four uncompressed IDX files; returns what was written."""
     raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     written = {}
-    for split, prefix, n, seed in (("train", "train", N_TRAIN, 0), ("test", "t10k", N_TEST, 1)):
+    for split, prefix, n, seed in (("train", "train", n_train, 0), ("test", "t10k", n_test, 1)):
         y = _labels(n, seed)
         x = _images(y, 1, 28, seed)[:, 0]
         _write_idx(raw / f"{prefix}-images-idx3-ubyte", x)

@@ -238,12 +238,6 @@ def template(case: Case, warmup: int, steps: int, *extra: str) -> float:
     return StepTimer.last.rate
 
 
-def plain_torch():
-    """As in a script that never imports Lightning. Lightning's import sets NVML_CHECK, after
-    which torch asks NVML whether CUDA is there on every Adam step of a CPU run."""
-    return run.torch_cuda_check()
-
-
 class Plain:
     """The template's config as plain PyTorch: the same net, initialised from the same seed, the
     same optimizer and schedule, the training split as one normalised tensor on the device, and
@@ -314,7 +308,9 @@ def _datamodule(cfg):
 
 
 def raw(case: Case, warmup: int, steps: int, lightning_env: bool = False) -> float:
-    with contextlib.nullcontext() if lightning_env else plain_torch():
+    # As in a script that never imports Lightning, whose import makes torch ask NVML whether
+    # CUDA is there on every Adam step of a CPU run (unless lightning_env, to measure that).
+    with contextlib.nullcontext() if lightning_env else run.torch_cuda_check():
         plain = Plain(case, total_steps=warmup + steps)
         done, samples, started, epoch = 0, 0, 0.0, 0
         plain.net.train()
@@ -378,7 +374,7 @@ def bare_lightning(case: Case, warmup: int, steps: int) -> float:
 
 
 def floor(case: Case, warmup: int, steps: int) -> float:
-    with plain_torch():
+    with run.torch_cuda_check():
         plain = Plain(case, total_steps=warmup + steps)
         x, y = next(plain.epoch(0))
         plain.net.train()
@@ -601,7 +597,7 @@ def _accuracy(net, normalise, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _raw_to_accuracy(case: Case, target: float, epochs: int):
-    with plain_torch():
+    with run.torch_cuda_check():
         plain = Plain(case)
         plain.scheduler = cosine(plain.optimizer, total_steps=epochs * plain.steps_per_epoch)
         dm = plain.dm

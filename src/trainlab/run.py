@@ -42,6 +42,8 @@ def torch_cuda_check(trainer: Any = None) -> Iterator[None]:
     initialised, and torch's optimizers then ask NVML whether CUDA is there on every step of a
     CPU run: 0.03 to 0.43 ms a step on 2-core machines (bench/RESULTS.md), up to a tenth of a
     small MLP's step. Only fork-based launchers (those that also work in notebooks) need it.
+    Processes that a spawn launcher starts (`start_method=spawn`) import Lightning afresh and
+    keep its check: slower there, not wrong. DDP's default launcher runs this in every process.
     """
     saved = None
     if trainer is None or _trains_on_cpu_without_fork(trainer):

@@ -441,14 +441,18 @@ def overhead(case: Case, seconds: float, rounds: int) -> None:
     }
     results = {name: [] for name in variants}
     results["raw loop"], results["raw loop with Lightning's NVML check"] = [], []
-    results["Lightning's bare loop, around the raw loop's step"] = []
+    bare, bare_torch_check = (
+        "Lightning's bare loop, around the raw loop's step",
+        "the same, torch's CUDA check",
+    )
+    results[bare], results[bare_torch_check] = [], []
     for _ in range(rounds):
         results["raw loop"].append(raw(case, warmup, steps))
         nvml = raw(case, warmup, steps, lightning_env=True)
         results["raw loop with Lightning's NVML check"].append(nvml)
-        results["Lightning's bare loop, around the raw loop's step"].append(
-            bare_lightning(case, warmup, steps)
-        )
+        results[bare].append(bare_lightning(case, warmup, steps))
+        with run.torch_cuda_check():  # as the template trains on the CPU
+            results[bare_torch_check].append(bare_lightning(case, warmup, steps))
         for name, (extra, bar) in variants.items():
             with live_progress_bar(bar) if bar else contextlib.nullcontext():
                 results[name].append(template(case, warmup, steps, *extra))

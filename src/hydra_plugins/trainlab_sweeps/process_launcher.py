@@ -28,6 +28,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, open_dict
 
+from trainlab.commands import override
+
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "sweep.json"
@@ -102,7 +104,9 @@ class ProcessLauncher(Launcher):
         env[SWEEP_ENV] = sweep_dir.name
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
-        cmd = [sys.executable, "-m", self.module, *job["overrides"], f"hydra.run.dir={job_dir}"]
+        # A list, so no shell reads it; the directory quoted for Hydra's override grammar.
+        run_dir = override("hydra.run.dir", job_dir)
+        cmd = [sys.executable, "-m", self.module, *job["overrides"], run_dir]
         entry = {
             "num": job["num"],
             "overrides": job["overrides"],

@@ -24,11 +24,18 @@ CONF_DIR = _find_conf_dir()
 
 
 def run_name() -> str:
-    """The name of a single run's directory: its start time, unless a distributed launcher
-    started one process per node, which must all agree on one directory (and a requeued SLURM
-    job must find its own again): then the job's id."""
-    import os
+    """The name of a run's directory (`${run_name:}` in conf/hydra/default.yaml): the job's
+    name under a distributed launcher (see shared_run_name), else its start time. The entry
+    points make a time-named directory unique (trainlab.run_dirs)."""
     import time
+
+    return shared_run_name() or time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def shared_run_name() -> str | None:
+    """The job's id where a distributed launcher started one process per node: these must all
+    agree on one directory, and a requeued SLURM job must find its own again."""
+    import os
 
     env = os.environ
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
@@ -40,7 +47,7 @@ def run_name() -> str:
         if run_id == "none":  # static rendezvous: the master's address is what all share
             run_id = f"{env.get('MASTER_ADDR', 'localhost')}-{env.get('MASTER_PORT', '')}"
         return f"torchrun-{run_id}"
-    return time.strftime("%Y-%m-%d_%H-%M-%S")
+    return None
 
 
 def _register_resolvers() -> None:
@@ -130,7 +137,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
             continue
         if (CONF_DIR / key).is_dir():
             _check_group_option(o)
-            group_overrides.append(f"{key}={_values(o)[0]}")
+            sign = "++" if o.is_force_add() else "+" if o.is_add() else ""  # keep +model=mlp
+            group_overrides.append(f"{sign}{key}={_values(o)[0]}")
         else:
             key_overrides.append(o)
 

@@ -11,7 +11,10 @@ import contextlib
 import errno
 import io
 import os
+import pickle
 import random
+import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from omegaconf import OmegaConf
 
 from trainlab import __version__
@@ -70,6 +74,49 @@ class CheckpointRecord(pl.Callback):
         if rng:
             _set_rng_states(rng)
             self._restored = True
+
+
+class LastCheckpoint(Checkpoint):
+    """Keeps <run dir>/checkpoints/last.ckpt at the run's latest state, whatever the monitored
+    metric did: at the end of every epoch, and every `every_n_steps` optimizer steps if set.
+
+    Lightning's ModelCheckpoint(save_last=True) writes last.ckpt only beside a top-k save, so
+    after the metric stops improving its last.ckpt stays at the best epoch. As a Checkpoint,
+    Lightning runs this after the LightningModule's own on_train_epoch_end and after the other
+    checkpoint callbacks (which come first in the list), so the file holds the epoch's
+    validation and the best checkpoint's bookkeeping as they end the epoch; a run resumed from
+    it starts the next epoch. (StopOnSignal writes the same file at a signal.)
+    """
+
+    def __init__(self, ckpt_dir: str | Path, every_n_steps: int | None = None):
+        self.path = Path(ckpt_dir) / "last.ckpt"
+        self.every_n_steps = every_n_steps
+        self._saved_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n, step = self.every_n_steps, trainer.global_step
+        if not n or step == 0 or step % n or step == self._saved_step:
+            return  # (with gradient accumulation a step spans several batches)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the end of the epoch saves, after its validation
+        self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        if trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.path)
+        self._saved_step = trainer.global_step
+
+
+def best_path(trainer) -> str | None:
+    """The best checkpoint the run's ModelCheckpoint kept, if it has one."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+            return callback.best_model_path
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -160,7 +207,7 @@ def _set_rng_states(rng: dict[str, Any]) -> None:
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file, or raise a UserError that names the file and what to do."""
+    """Load a checkpoint file, or raise a UserError that names the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -170,11 +217,9 @@ def read(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, or pickled objects we refuse to run
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"checkpoint {path} cannot be read ({reason}). It may be truncated (a run killed "
-            "while saving) or not a checkpoint; try the run's other checkpoint (last.ckpt or "
-            "best.ckpt)."
+            f"checkpoint {path} is damaged: {why_unreadable(e)}. Try the run's other checkpoint "
+            "(last.ckpt or best.ckpt in the same folder)."
         ) from None
     if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
         raise UserError(
@@ -182,6 +227,24 @@ def read(path: str | Path) -> dict[str, Any]:
             "model cannot be rebuilt from it."
         )
     return ckpt
+
+
+def why_unreadable(error: Exception) -> str:
+    """What torch.load's error means for a checkpoint, in words, without torch's advice to
+    load it with weights_only=False (which would run whatever code the file holds)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (
+            f"it holds a pickled Python object ({refused.group(1)}), which could run code when "
+            "loaded, and is refused (trainlab's checkpoints hold tensors and plain values only)"
+        )
+    if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
+        return "its contents are not a torch checkpoint"
+    if isinstance(error, EOFError) or not text.strip():
+        return "the file is empty or cut short"
+    first_line = text.strip().splitlines()[0][:200]
+    return f"it is truncated (a run killed while saving) or not a checkpoint: {first_line}"
 
 
 def stored_config(ckpt: dict[str, Any]) -> Any:
@@ -201,39 +264,180 @@ def build_model(ckpt: dict[str, Any]) -> pl.LightningModule:
     return model
 
 
-def check_same_model(ckpt: dict[str, Any], path: str | Path, model_cfg: Any) -> None:
-    """Refuse to resume `model_cfg` from a checkpoint written by a different model."""
-    stored = OmegaConf.to_container(stored_config(ckpt).model, resolve=True)
-    current = OmegaConf.to_container(model_cfg, resolve=True)
-    if stored != current:
-        differences = ", ".join(
-            f"{key}: {theirs!r} there, {ours!r} here"
-            for key, theirs, ours in _differences(stored, current, "model")
-        )
+# Keys that say where a run writes, what it reports or how often it saves, not what it computes:
+# changing them on resume is not a change of the run. (Checked as prefixes of dotted keys.)
+BOOKKEEPING = (
+    "resume",
+    "resume_allow_changes",
+    "ckpt_path",
+    "checkpoint_every_n_steps",
+    "test",
+    "tags",
+    "threads",
+    "paths",
+    "logger",
+    "data.data_dir",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.profiler",
+    "callbacks.lr_monitor",
+    "effective_batch_size",  # derived from keys that are compared
+    "effective_lr",
+)
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """{key: [stored value, current value]} for every setting that differs, bookkeeping aside.
+
+    Only keys that both configs have are compared: a key one of them lacks comes from another
+    version of trainlab (an option added since), not from the command line.
+    """
+    ours, theirs = _flatten(current), _flatten(stored)
+    return {
+        key: [theirs[key], ours[key]]
+        for key in sorted(set(ours) & set(theirs))
+        if theirs[key] != ours[key] and not _is_bookkeeping(key)
+    }
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return flat
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return any(key == b or key.startswith(f"{b}.") for b in BOOKKEEPING)
+
+
+def check_config(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> dict[str, list[Any]]:
+    """The run's config against the one stored in the checkpoint it resumes from: refuse any
+    difference unless cfg.resume_allow_changes, and return the differences allowed."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changes = config_changes(ckpt[KEY]["config"], current)
+    if not changes:
+        return changes
+    listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if not cfg.get("resume_allow_changes"):
+        what = "model" if any(key.startswith("model.") for key in changes) else "config"
         raise UserError(
-            f"checkpoint {path} was written by a different model ({differences}). Resume with "
-            "the overrides of the run that wrote it, or start a new run without ckpt_path/resume."
+            f"checkpoint {path} was written by a different {what} ({listed}; stored -> now). "
+            "Resume with the settings of the run that wrote it (see .hydra/overrides.yaml in "
+            "its run directory), add resume_allow_changes=true to continue with the new values "
+            "(recorded in metrics.json as resume_changes), or start a new run without "
+            "resume/ckpt_path."
         )
+    if any(key.startswith("model.") for key in changes):
+        _check_weights_fit(ckpt, path, cfg)
+    print(f"Resuming with a changed config (resume_allow_changes=true): {listed}.")
+    return changes
 
 
-def _differences(a: Any, b: Any, prefix: str):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            yield from _differences(a.get(key), b.get(key), f"{prefix}.{key}")
-    elif a != b:
-        yield prefix, a, b
+def _check_weights_fit(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> None:
+    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise UserError(
+            f"the weights in {path} do not fit the changed model ({reason}): a change of model "
+            "that changes its parameters cannot resume; start a new run without resume/ckpt_path."
+        ) from None
+
+
+class ApplyOptimizerChanges(pl.Callback):
+    """On a resume with resume_allow_changes=true, the new optimizer settings take effect.
+
+    Lightning restores the optimizer's parameter groups from the checkpoint, over the values
+    the new config built them with: without this, `optimizer.lr=0.01` would be recorded while
+    the run went on with the old rate. The new config's values are read from the freshly built
+    optimizers (on_fit_start, before the restore) and put back after it (on_train_start): a
+    changed learning rate scales the restored rate and its schedule, so the schedule goes on
+    from where it was; any other changed setting (weight_decay, betas, ...) is copied.
+    """
+
+    def __init__(self, changes: dict[str, list[Any]]):
+        self.keys = {k.removeprefix("optimizer.") for k in changes if k.startswith("optimizer.")}
+        self._fresh: list[list[dict[str, Any]]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fresh = [[dict(g) for g in opt.param_groups] for opt in trainer.optimizers]
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for opt, fresh_groups in zip(trainer.optimizers, self._fresh, strict=True):
+            for group, fresh in zip(opt.param_groups, fresh_groups, strict=True):
+                for key in self.keys - {"lr"}:
+                    if key in fresh:
+                        group[key] = fresh[key]
+                self._scale_lr(trainer, opt, group, fresh)  # lr_scaling may change it too
+
+    @staticmethod
+    def _scale_lr(trainer, opt, group: dict[str, Any], fresh: dict[str, Any]) -> None:
+        # The rate a schedule started from (initial_lr), or the rate itself without one.
+        ratio = fresh.get("initial_lr", fresh["lr"]) / group.get("initial_lr", group["lr"])
+        if ratio == 1:
+            return
+        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+            if key in group:
+                group[key] *= ratio
+        index = opt.param_groups.index(group)
+        for config in trainer.lr_scheduler_configs:
+            if config.scheduler.optimizer is opt:
+                for name in ("base_lrs", "_last_lr"):
+                    values = getattr(config.scheduler, name, None)
+                    if values is not None:
+                        values[index] *= ratio
 
 
 def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint of a run (last.ckpt first), or None if it has none.
+    """The newest readable checkpoint of a run (last.ckpt first), or None if it has none yet.
 
-    A damaged file is reported and skipped, so resumption falls back to the one before it.
+    A damaged file is reported and skipped, so resumption falls back to the one before it; if
+    every checkpoint is damaged, a UserError names them and changes nothing.
     """
     folder = run_dir / "checkpoints"
     files = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    damaged = []
     for path in files:
         try:
             return path, read(path)
         except UserError as e:
             print(f"resume: skipping {path}: {e}")
-    return None
+            damaged.append(str(e))
+    if not damaged:
+        return None
+    raise UserError(
+        f"resume=auto: no checkpoint of {run_dir} can be read ({' '.join(damaged)}) Nothing in "
+        f"{run_dir} was changed. To start this run over, run the same command with "
+        "resume=restart instead of resume=auto (the run's earlier files are kept in "
+        f"{run_dir}/previous-<n>/); to continue from a copy of a checkpoint, pass "
+        "ckpt_path=<file>."
+    )
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """resume=restart: move what an earlier run left in run_dir (checkpoints, metrics, logger
+    files) into run_dir/previous-<n>/, so a new run starts there without losing any of it.
+
+    Hydra's .hydra/ and the *.log files that this process already writes to stay in place.
+    """
+    keep = {".hydra"}
+    earlier = [
+        p
+        for p in run_dir.iterdir()
+        if p.name not in keep and p.suffix != ".log" and not p.name.startswith("previous-")
+    ]
+    if not earlier:
+        return None
+    n = 1
+    while (run_dir / f"previous-{n}").exists():
+        n += 1
+    target = run_dir / f"previous-{n}"
+    target.mkdir()
+    for path in earlier:
+        shutil.move(path, target / path.name)
+    return target

@@ -79,7 +79,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "seed": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0, or null"),
     "threads": (lambda v: v == "auto" or (_is_int(v) and v > 0), "a positive integer or auto"),
-    "resume": (lambda v: v in (None, "auto"), "auto or null"),
+    "resume": (lambda v: v in (None, "auto", "restart"), "auto, restart or null"),
+    "resume_allow_changes": (lambda v: isinstance(v, bool), "true or false"),
     "lr_scaling.rule": (lambda v: v in ("none", "linear", "sqrt"), "none, linear or sqrt"),
     "lr_scaling.base_batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "checkpoint_every_n_steps": (

@@ -33,7 +33,6 @@ def train(
     check_values(cfg)
     import lightning.pytorch as pl
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from trainlab import checkpoint, run
     from trainlab.callbacks import progress_bar
@@ -48,7 +47,7 @@ def train(
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     config = OmegaConf.to_container(cfg, resolve=True)
-    resume_from, wandb_id = _resume_point(cfg, run_dir)
+    resume_from, wandb_id, changes = _resume_point(cfg, run_dir)
 
     command = " ".join(["python -m trainlab.train", *overrides])
     agree = RanksAgree()
@@ -60,15 +59,10 @@ def train(
         agree,
         progress_bar(),
     ]
-    if cfg.get("checkpoint_every_n_steps"):
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                save_last=True,
-                save_top_k=0,
-                every_n_train_steps=cfg.checkpoint_every_n_steps,
-            )
-        )
+    if cfg.trainer.get("enable_checkpointing", True):  # best.ckpt is the configured callback's
+        callbacks.append(checkpoint.LastCheckpoint(ckpt_dir, cfg.get("checkpoint_every_n_steps")))
+    if changes:
+        callbacks.append(checkpoint.ApplyOptimizerChanges(changes))
     loggers = build_loggers(cfg, run_dir, group=wandb_group, name=wandb_name, wandb_id=wandb_id)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -95,6 +89,7 @@ def train(
         "seed": cfg.seed,
         "threads": threads,
         "resumed_from": str(resume_from) if resume_from else None,
+        "resume_changes": changes or None,
         "world_size": trainer.world_size,
         "effective_batch_size": batch_size,
         "effective_lr": lr,
@@ -107,10 +102,8 @@ def train(
         if trainer.interrupted:
             record["status"] = "interrupted"
         elif cfg.get("test"):
-            best = (
-                trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            )
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            best = checkpoint.best_path(trainer)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         if record["status"] == "running":
             record["status"] = "finished"
     except Interrupted as e:
@@ -128,8 +121,7 @@ def train(
         record["duration_s"] = round(time.perf_counter() - started, 3)
         if agree.agree is not None:
             record["ranks_agree"] = agree.agree
-        callback = trainer.checkpoint_callback
-        record["best_ckpt"] = (callback.best_model_path or None) if callback else None
+        record["best_ckpt"] = checkpoint.best_path(trainer)
         if trainer.is_global_zero:
             try:
                 run.write_json(run_dir / run.METRICS_FILE, record)
@@ -150,24 +142,29 @@ def _effective_batch_size_and_lr(cfg: DictConfig, trainer) -> tuple[int, float]:
     return per_step, cfg.optimizer.lr * factor
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None]:
-    """(checkpoint to continue from, W&B run id to continue), from ckpt_path or resume=auto."""
+def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None, dict]:
+    """(checkpoint to continue from, W&B run id to continue, config changes allowed), from
+    ckpt_path or resume=auto; resume=restart sets the run's earlier files aside instead."""
     from trainlab import checkpoint
 
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
         ckpt = checkpoint.read(path)
     elif cfg.get("resume") == "auto":
-        found = checkpoint.latest_good(run_dir)
+        found = checkpoint.latest_good(run_dir)  # a UserError if every checkpoint is damaged
         if found is None:
             print(f"resume=auto: {run_dir} has no checkpoint yet; starting from the beginning.")
-            return None, None
+            return None, None, {}
         path, ckpt = found
     else:
-        return None, None
-    checkpoint.check_same_model(ckpt, path, cfg.model)
+        if cfg.get("resume") == "restart":
+            kept = checkpoint.set_aside(run_dir)
+            if kept:
+                print(f"resume=restart: starting over; the earlier files are kept in {kept}")
+        return None, None, {}
+    changes = checkpoint.check_config(ckpt, path, cfg)
     print(f"Resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}).")
-    return path, ckpt[checkpoint.KEY].get("wandb_id")
+    return path, ckpt[checkpoint.KEY].get("wandb_id"), changes
 
 
 def _finish_wandb() -> None:

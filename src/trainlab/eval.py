@@ -14,6 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab import run_dirs
 from trainlab.config import CONF_DIR, check_command_line, check_targets, check_values
 from trainlab.errors import UserError, exit_on_user_error
 
@@ -86,6 +87,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     with exit_on_user_error():
         check_command_line("eval", sys.argv[1:])
+        sys.argv += run_dirs.run_dir_arguments("eval", sys.argv[1:])
     _hydra_main()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from trainlab import run_dirs
 from trainlab.config import CONF_DIR, check_command_line
 from trainlab.errors import UserError, exit_on_user_error
 
@@ -216,6 +217,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     with exit_on_user_error():
         check_command_line("predict", sys.argv[1:])
+        sys.argv += run_dirs.run_dir_arguments("predict", sys.argv[1:])
     _hydra_main()
 
 

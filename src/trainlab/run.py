@@ -151,11 +151,13 @@ def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:
     checkpoint: what `resume=auto` continues. (`resume=` and `hydra.` overrides are ignored.)"""
     import yaml
 
+    from trainlab.run_dirs import newest_first
+
     def key(items: list[str]) -> list[str]:
         return sorted(o for o in items if not o.startswith(("resume=", "hydra.")))
 
     wanted = key(overrides)
-    for run_dir in sorted(runs_dir.glob("*"), reverse=True):  # named by start time: newest first
+    for run_dir in newest_first(list(runs_dir.glob("*"))):
         recorded = run_dir / ".hydra" / "overrides.yaml"
         if not recorded.is_file() or key(yaml.safe_load(recorded.read_text()) or []) != wanted:
             continue

@@ -7,6 +7,7 @@ checked, so `--help` and typos answer at once.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
-from trainlab.config import CONF_DIR, check_command_line, check_values
+from trainlab import run_dirs
+from trainlab.commands import override, train_command
+from trainlab.config import CONF_DIR, check_command_line, check_values, shared_run_name
 from trainlab.errors import Interrupted, exit_on_user_error
 
 
@@ -34,7 +37,7 @@ def train(
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from trainlab import checkpoint, run
+    from trainlab import checkpoint, pruning, run
     from trainlab.callbacks import progress_bar
     from trainlab.guards import RanksAgree, StopOnNonFiniteLoss, StopOnSignal
     from trainlab.loggers import build_loggers
@@ -49,15 +52,17 @@ def train(
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_from, wandb_id, changes = _resume_point(cfg, run_dir)
 
-    command = " ".join(["python -m trainlab.train", *overrides])
+    again = [o for o in overrides if not o.startswith("resume=")]
+    resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
     agree = RanksAgree()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
         checkpoint.CheckpointRecord(config),
-        StopOnSignal(ckpt_dir, f"{command} resume=auto hydra.run.dir={run_dir}"),
+        StopOnSignal(ckpt_dir, resume),
         StopOnNonFiniteLoss(ckpt_dir),
         agree,
         progress_bar(),
+        *pruning.from_env(),  # a trial of an Optuna sweep reports to its study
     ]
     if cfg.trainer.get("enable_checkpointing", True):  # best.ckpt is the configured callback's
         callbacks.append(checkpoint.LastCheckpoint(ckpt_dir, cfg.get("checkpoint_every_n_steps")))
@@ -101,6 +106,8 @@ def train(
         record.update(run.final_metrics(trainer))  # testing replaces Lightning's record of these
         if trainer.interrupted:
             record["status"] = "interrupted"
+        elif pruning.pruned(trainer):  # stopped early by the sweep's pruner: no test
+            record["status"] = "pruned"
         elif cfg.get("test"):
             best = checkpoint.best_path(trainer)
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
@@ -205,33 +212,69 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Check the command line, run Hydra, and exit non-zero if any job of a sweep failed.
+    """Check the command line, choose the run directory, run Hydra, and exit non-zero if a
+    sweep was stopped or any job of it did not finish.
 
     `--dry-run` lists the jobs a sweep would run (their overrides and their number) and stops.
     """
+    process_launcher.stop_with_parent()  # a job of a sweep stops when the sweep dies
     dry_run = "--dry-run" in sys.argv
     if dry_run:
         sys.argv = [arg for arg in sys.argv if arg != "--dry-run"]
+    scratch = None
     with exit_on_user_error():
         check_command_line("train", sys.argv[1:])
-    if dry_run:
-        _dry_run_arguments()
-    else:
-        _point_resume_at_its_run()
-    _hydra_main()
-    # Read through the module: Hydra's plugin scan re-executes it, rebinding its globals.
-    failed = process_launcher.FAILED_JOBS
+        if dry_run:
+            scratch = _dry_run_arguments()
+        else:
+            _point_resume_at_its_run()
+            _point_resume_at_its_sweep()
+            sys.argv += run_dirs.run_dir_arguments("train", sys.argv[1:])
+    # Read the launcher's names through the module: Hydra's plugin scan re-executes it.
+    try:
+        _hydra_main()
+    except process_launcher.SweepStopped as stopped:
+        _report_sweep(stopped.record, stopped.signum)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    for record in process_launcher.RECORDS:
+        _report_sweep(record)
+
+
+def _report_sweep(record: Path, signum: int | None = None) -> None:
+    """One paragraph, and exit 128 + signum (stopped by a signal) or 1 (jobs failed or were
+    interrupted), naming the command that continues the sweep; nothing if every job finished."""
+    import json
+    import signal
+
+    summary = json.loads(record.read_text())
+    jobs = list(summary["jobs"].values())
+    count = {s: sum(j["status"] == s for j in jobs) for s in ("finished", "interrupted", "pending")}
+    failed = [j for j in jobs if j["status"] == "failed"]
+    if signum is None and count["finished"] == len(jobs):
+        return
+    words = []
+    if signum is not None:
+        words.append(
+            f"the sweep was stopped by {signal.Signals(signum).name}: of its {len(jobs)} jobs, "
+            f"{count['finished']} finished, {count['interrupted']} were interrupted (each "
+            f"saved a checkpoint) and {count['pending']} had not started."
+        )
+    elif count["interrupted"]:
+        words.append(f"{count['interrupted']} job(s) of the sweep were interrupted.")
     if failed:
-        summary = Path(failed[0]["dir"]).parent / process_launcher.SUMMARY_FILE
-        jobs = "; ".join(
-            f"#{job['num']} ({' '.join(job['overrides'])}): {job['error'].rstrip('.')}"
-            for job in failed
+        detail = "; ".join(
+            f"#{j['num']} ({' '.join(j['overrides'])}): {str(j.get('error')).rstrip('.')}"
+            for j in failed
         )
-        print(
-            f"error: {len(failed)} job(s) of the sweep failed: {jobs}. Details in {summary}.",
-            file=sys.stderr,
-        )
-        raise SystemExit(1)
+        words.append(f"{len(failed)} job(s) of the sweep failed: {detail}.")
+    words.append(
+        f"Details in {record}. Continue the sweep with: {summary['resume']} (finished jobs "
+        "are kept, interrupted ones continue from their checkpoints, the others run)."
+    )
+    print("error: " + " ".join(words), file=sys.stderr)
+    raise SystemExit(1 if signum is None else 128 + signum)
 
 
 def _point_resume_at_its_run() -> None:
@@ -242,27 +285,51 @@ def _point_resume_at_its_run() -> None:
         return
     if any(a.startswith("hydra.run.dir=") for a in args):
         return  # the run to continue is named
-    from trainlab.config import compose
+    if shared_run_name():
+        return  # every process of a distributed job (and its requeued self) has one directory
     from trainlab.run import unfinished_run
 
     overrides = [a for a in args if not a.startswith("-")]
-    runs_dir = Path(compose("train", overrides).paths.log_dir) / "train" / "runs"
+    runs_dir = Path(str(run_dirs.compose("train", overrides).hydra.run.dir)).parent
     found = unfinished_run(runs_dir, overrides)
     if found is None:
         print(f"resume=auto: no unfinished run of this command in {runs_dir}; starting a new run.")
     else:
         print(f"resume=auto: continuing {found}")
-        sys.argv.append(f"hydra.run.dir={found}")
+        sys.argv.append(override("hydra.run.dir", found))
 
 
-def _dry_run_arguments() -> None:
-    """Turn the command into a multirun whose launcher only prints its jobs, in a scratch dir."""
+def _point_resume_at_its_sweep() -> None:
+    """`-m ... resume=auto`: continue the newest unfinished sweep of the same command, in its
+    own directory, which Hydra must know before it creates a new one. (A sweep whose directory
+    is not new for each run, such as an Optuna study's, continues there anyway.)"""
+    args = sys.argv[1:]
+    if "resume=auto" not in args or not {"-m", "--multirun"} & set(args):
+        return
+    if any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in args):
+        return  # the sweep to continue is named
+    cfg = run_dirs.compose("train", [a for a in args if not a.startswith("-")])
+    if not OmegaConf.to_container(cfg.hydra.sweep)["dir"].endswith(run_dirs.NEW_NAME):
+        return
+    sweeps_dir = Path(str(cfg.hydra.sweep.dir)).parent
+    found = process_launcher.unfinished_sweep(sweeps_dir, args)
+    if found is None:
+        print(f"resume=auto: no unfinished sweep of this command in {sweeps_dir}; a new sweep.")
+    else:
+        print(f"resume=auto: continuing the sweep in {found}")
+        sys.argv.append(override("hydra.sweep.dir", found))
+
+
+def _dry_run_arguments() -> str:
+    """Turn the command into a multirun whose launcher only prints its jobs, in a scratch dir
+    (Hydra writes multirun.yaml there), which main() removes afterwards."""
     import tempfile
 
     if not {"-m", "--multirun"} & set(sys.argv):
         sys.argv.insert(1, "-m")
     scratch = tempfile.mkdtemp(prefix="trainlab-dry-run-")
-    sys.argv += ["hydra.launcher.dry_run=true", f"hydra.sweep.dir={scratch}"]
+    sys.argv += ["hydra.launcher.dry_run=true", override("hydra.sweep.dir", scratch)]
+    return scratch
 
 
 if __name__ == "__main__":

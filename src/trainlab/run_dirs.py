@@ -1,0 +1,136 @@
+"""Run directories that no two runs share by accident, and log and data dirs checked up front.
+
+Hydra names a run's directory by the second it started (`${run_name:}`) and creates it with
+exist_ok, so two runs started in the same second would write into one. The entry points
+therefore choose the directory before Hydra starts: they create it with os.mkdir, which fails
+when the name is taken, try <name>_2, <name>_3, ... until one is new, and hand it to Hydra as
+hydra.run.dir (hydra.sweep.dir for `-m`). Lightning's DDP child processes re-run that command
+line, so they find the same directory.
+
+Directories named otherwise are shared on purpose and only created if missing: one given on the
+command line (resume=auto), one named by a distributed job's id (every node of the job writes
+there), Optuna's study directory (the same command continues the study).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainlab.commands import override
+from trainlab.config import CONF_DIR, shared_run_name
+from trainlab.errors import UserError
+
+NEW_NAME = "${run_name:}"  # a directory whose name ends so is new for each run
+
+
+def run_dir_arguments(entry: str, argv: list[str]) -> list[str]:
+    """The override naming the directory just created for this command, to append to argv;
+    none where the command names its own or runs nothing (--help, --cfg, --info)."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_known_args(argv)[0]
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return []
+    key = f"hydra.{'sweep' if args.multirun else 'run'}.dir"
+    cfg = compose(entry, args.overrides, args.config_name)
+    if "data" in cfg:  # train and eval read data sets; export and predict do not
+        check_data_dir(cfg)
+    path = Path(str(OmegaConf.select(cfg, key)))
+    if any(a.lstrip("+").startswith(f"{key}=") for a in args.overrides):
+        make_dir(path, key)
+        return []
+    if not _unresolved(cfg, key).endswith(NEW_NAME) or shared_run_name():
+        make_dir(path, "paths.log_dir")
+        return []
+    return [override(key, claim(path))]
+
+
+def claim(path: Path) -> Path:
+    """Create `path`, or `path_2`, `path_3`, ... where it is taken, atomically; return it."""
+    make_dir(path.parent, "paths.log_dir")
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}_{n}")
+        try:
+            candidate.mkdir()  # fails if another run got there first, however close in time
+            return candidate
+        except FileExistsError:
+            n += 1
+        except OSError as e:
+            error = _cannot("create the run directory", candidate, e, "paths.log_dir")
+            raise UserError(error) from None
+
+
+def make_dir(path: Path, key: str) -> None:
+    """Create `path` if missing; one line, not a traceback, where it cannot be a writable one."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(_cannot("create the run directory", path, e, key)) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(_cannot("write to the run directory", path, _denied(), key))
+
+
+def check_data_dir(cfg: Any) -> None:
+    """The data dir must be a directory, or one that can be created (data sets download into
+    it); it need not be writable when it exists (data sets already there are only read)."""
+    path = Path(str(OmegaConf.select(cfg, "data.data_dir") or cfg.paths.data_dir)).absolute()
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:  # e.g. a name too long
+        raise UserError(_cannot("use the data directory", path, e, "paths.data_dir")) from None
+    if not existing.is_dir():
+        error = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        raise UserError(_cannot("use the data directory", path, error, "paths.data_dir"))
+    if existing != path and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(_cannot("create the data directory", path, _denied(), "paths.data_dir"))
+
+
+def _denied() -> OSError:
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+
+def _cannot(what: str, path: Path, error: OSError, key: str) -> str:
+    if isinstance(error, (FileExistsError, NotADirectoryError)):
+        reason = "a file stands where a folder should be"
+    else:
+        reason = (error.strerror or str(error)).lower()
+    return f"cannot {what} {path}: {reason}. Choose another with {key}=<dir>."
+
+
+def compose(entry: str, overrides: list[str], config_name: str | None = None) -> Any:
+    """The entry's config with Hydra's own part, as `python -m trainlab.<entry>` would see it
+    (sweeps left out: a sweep's directory is the same for all its jobs)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single = [o.input_line for o in parsed if not o.is_sweep_override()]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=entry):
+            return hydra_compose(config_name or entry, single, return_hydra_config=True)
+    except HydraException as e:
+        raise UserError(f"the configs do not compose: {e}") from None
+
+
+def _unresolved(cfg: Any, key: str) -> str:
+    """The value at `key` as written in the config files, interpolations and all."""
+    parent, _, name = key.rpartition(".")
+    return str(OmegaConf.to_container(OmegaConf.select(cfg, parent), resolve=False)[name])
+
+
+def newest_first(run_dirs: list[Path]) -> list[Path]:
+    """Run directories newest first: by their time names, `_10` after `_9`."""
+
+    def key(path: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+    return sorted(run_dirs, key=key, reverse=True)

@@ -68,43 +68,180 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-# Values that must hold whatever sets them (command line, experiment or edited YAML).
+def _positive_int(v: Any) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or test(v)
+
+
+def _ints(v: Any) -> bool:  # a size, or a list of sizes (one a layer)
+    return _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v)))
+
+
+def _fraction_or_count(v: Any) -> bool:  # a share of the data (0.1) or a number of samples
+    return (isinstance(v, float) and 0 < v < 1) or _positive_int(v)
+
+
+def _batches(v: Any) -> bool:  # Lightning's limit_*_batches and friends: a share or a count
+    return v is None or (isinstance(v, float) and 0 <= v <= 1) or (_is_int(v) and v >= 0)
+
+
+def _devices(v: Any) -> bool:
+    if isinstance(v, str):
+        return v == "auto" or all(p.strip().isdigit() for p in v.split(",") if p.strip())
+    if isinstance(v, list):
+        return bool(v) and all(_is_int(d) and d >= 0 for d in v)
+    return _is_int(v) and (v >= 1 or v == -1)
+
+
+FRACTION = "a fraction between 0 and 1 (e.g. 0.1) or a count of samples >= 1"
+BATCHES = "a fraction of the batches between 0.0 and 1.0, a count >= 0, or null"
+
+# Values that must hold whatever sets them (command line, experiment or edited YAML), by full
+# key; PATTERNS below cover the keys of every model and data set by their last name.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.lr": (lambda v: _is_number(v) and v > 0, "a positive number, e.g. 1e-3"),
     "optimizer.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "data.batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer, e.g. 64"),
+    "optimizer.momentum": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optimizer.betas": (
+        lambda v: (
+            isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)
+        ),
+        "two numbers in [0, 1), e.g. [0.9, 0.999]",
+    ),
+    "optimizer.eps": (lambda v: _is_number(v) and v > 0, "a positive number, e.g. 1e-8"),
+    "data.batch_size": (_positive_int, "a positive integer, e.g. 64"),
+    "data.num_workers": (
+        lambda v: v == "auto" or (_is_int(v) and v >= 0),
+        "auto or an integer >= 0 (0: load in the main process)",
+    ),
+    "data.val_size": (_fraction_or_count, FRACTION),
+    "data.test_size": (_fraction_or_count, FRACTION),
     "trainer.max_epochs": (
         lambda v: v is None or (_is_int(v) and (v >= 1 or v == -1)),
         "a positive integer, or -1 for no limit",
+    ),
+    "trainer.min_epochs": (_optional(lambda v: _is_int(v) and v >= 0), "an integer >= 0, or null"),
+    "trainer.max_steps": (
+        lambda v: _is_int(v) and (v >= 1 or v == -1),
+        "a positive integer, or -1 for no limit",
+    ),
+    "trainer.min_steps": (_optional(lambda v: _is_int(v) and v >= 0), "an integer >= 0, or null"),
+    "trainer.devices": (
+        _devices,
+        "a positive integer, -1 (all), auto, or a list of device indices such as [0, 1]",
+    ),
+    "trainer.num_nodes": (_positive_int, "a positive integer"),
+    "trainer.log_every_n_steps": (_positive_int, "a positive integer"),
+    "trainer.check_val_every_n_epoch": (_optional(_positive_int), "a positive integer, or null"),
+    "trainer.val_check_interval": (
+        _optional(lambda v: (isinstance(v, float) and 0 < v <= 1) or _positive_int(v)),
+        "a fraction of an epoch in (0.0, 1.0], a count of batches >= 1, or null",
+    ),
+    "trainer.limit_train_batches": (_batches, BATCHES),
+    "trainer.limit_val_batches": (_batches, BATCHES),
+    "trainer.limit_test_batches": (_batches, BATCHES),
+    "trainer.limit_predict_batches": (_batches, BATCHES),
+    "trainer.overfit_batches": (_batches, BATCHES),
+    "trainer.accumulate_grad_batches": (_positive_int, "a positive integer"),
+    "trainer.gradient_clip_val": (
+        _optional(lambda v: _is_number(v) and v >= 0),
+        "a number >= 0 (0: no clipping), or null",
+    ),
+    "trainer.num_sanity_val_steps": (
+        lambda v: _is_int(v) and v >= -1,
+        "an integer >= 0, or -1 for all",
     ),
     "seed": (lambda v: v is None or (_is_int(v) and v >= 0), "an integer >= 0, or null"),
     "threads": (lambda v: v == "auto" or (_is_int(v) and v > 0), "a positive integer or auto"),
     "resume": (lambda v: v in (None, "auto", "restart"), "auto, restart or null"),
     "resume_allow_changes": (lambda v: isinstance(v, bool), "true or false"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "test": (lambda v: isinstance(v, bool), "true or false"),
     "lr_scaling.rule": (lambda v: v in ("none", "linear", "sqrt"), "none, linear or sqrt"),
-    "lr_scaling.base_batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "checkpoint_every_n_steps": (
-        lambda v: v is None or (_is_int(v) and v > 0),
-        "a positive integer or null",
+    "lr_scaling.base_batch_size": (_positive_int, "a positive integer"),
+    "checkpoint_every_n_steps": (_optional(_positive_int), "a positive integer or null"),
+    "divergence_factor": (
+        _optional(lambda v: _is_number(v) and v > 1),
+        "a number > 1 (e.g. 1e4), or null to switch the check off",
     ),
 }
 
+# Any key with one of these last names, wherever it is (model.net.dropout, data.block_size...).
+PATTERNS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1), e.g. 0.1"),
+    "*_size": (_positive_int, "a positive integer"),
+    "num_classes": (_positive_int, "a positive integer"),
+    "num_samples": (_positive_int, "a positive integer"),
+    "n_*": (_positive_int, "a positive integer"),
+    "hidden": (_ints, "a positive integer, or a list of them (one a layer)"),
+    "channels": (_ints, "a positive integer, or a list of them (one a layer)"),
+    "width": (_positive_int, "a positive integer"),
+    "dim": (_positive_int, "a positive integer"),
+    "latent_dim": (_positive_int, "a positive integer"),
+    "depth": (_positive_int, "a positive integer"),
+    "heads": (_positive_int, "a positive integer"),
+    "layers": (_positive_int, "a positive integer"),
+    "batches_per_epoch": (_positive_int, "a positive integer"),
+    "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "pct_start": (lambda v: isinstance(v, float) and 0 < v < 1, "a fraction in (0, 1)"),
+    "mlp_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a positive number"),
+}
+
+
+def rule_for(key: str) -> tuple[Callable[[Any], bool], str] | None:
+    """The rule a value at `key` must follow: by its full key, else by its last name."""
+    import fnmatch
+
+    if key in RULES:
+        return RULES[key]
+    name = key.rpartition(".")[2]
+    return next((rule for p, rule in PATTERNS.items() if fnmatch.fnmatchcase(name, p)), None)
+
 
 def check_value(key: str, value: Any, source: str = "") -> None:
-    rule = RULES.get(key)
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: checked once resolved (check_values in the entry points)
+    rule = rule_for(key)
     if rule and not rule[0](value):
-        where = f" (in '{source}')" if source else ""
+        where = f" (in {source})" if source else " (set in the config files or an experiment)"
         raise UserError(f"'{key}' must be {rule[1]}, but it is {value!r}{where}.")
 
 
 def check_values(cfg: Any) -> None:
-    """Apply RULES to a composed config."""
-    from omegaconf import OmegaConf
+    """Apply RULES and PATTERNS to every value of a composed config (hydra.* aside), and refuse
+    code that no config file names (check_targets), as resolved: the entry points call this on
+    a run's config before they build anything from it."""
+    for key, value in _leaves(cfg):
+        check_value(key, value)
+    check_targets(cfg, "the run's config")
 
-    for key in RULES:
-        value = OmegaConf.select(cfg, key, default="<absent>")
-        if value != "<absent>":
-            check_value(key, value)
+
+def _leaves(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, resolved value) of every leaf, lists whole; a value that cannot be resolved
+    here (e.g. ${hydra:...} outside a run) is left out."""
+    from omegaconf import DictConfig, ListConfig
+
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else []:
+        path = f"{prefix}{key}"
+        if path == "hydra":
+            continue
+        try:
+            value = cfg[key]
+        except Exception:
+            continue
+        if isinstance(value, DictConfig):
+            yield from _leaves(value, f"{path}.")
+        elif isinstance(value, ListConfig):
+            try:
+                yield path, _plain(value, resolve=True)
+            except Exception:
+                continue
+        else:
+            yield path, value
 
 
 def group_options(group: str) -> list[str]:
@@ -113,13 +250,15 @@ def group_options(group: str) -> list[str]:
 
 
 def check_command_line(config_name: str, argv: list[str]) -> None:
-    """Reject unknown keys, unknown group options and ill-typed values before Hydra runs."""
+    """Reject unknown keys, unknown group options, ill-typed values and code that no config file
+    names, before Hydra runs (Hydra builds hydra.callbacks before any task code runs)."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.shell_completion or args.config_dir or args.info:
+    _refuse_other_configs(args)
+    if args.help or args.hydra_help or args.shell_completion or args.info:
         return  # Hydra answers these itself
     config_name = args.config_name or config_name
     try:
@@ -131,12 +270,15 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
             "sweep with -m."
         ) from None
 
-    group_overrides, key_overrides = [], []
+    group_overrides, key_overrides, hydra_overrides = [], [], []
     for o in overrides:
         key = o.key_or_group
-        if key.startswith("hydra") or o.is_delete():
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            check_hydra_override(o)
+            hydra_overrides.append(o)
+        elif o.is_delete():
             continue
-        if (CONF_DIR / key).is_dir():
+        elif (CONF_DIR / key).is_dir():
             _check_group_option(o)
             sign = "++" if o.is_force_add() else "+" if o.is_add() else ""  # keep +model=mlp
             group_overrides.append(f"{sign}{key}={_values(o)[0]}")
@@ -151,14 +293,6 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         found, default = _lookup(tree, key)
         if not found and not (o.is_add() or o.is_force_add()):
             raise UserError(_unknown_key_message(key, o.input_line, tree))
-        if key.split(".")[-1] == "_target_":
-            targets = known_targets()
-            for value in _values(o):
-                if value not in targets:
-                    raise UserError(
-                        f"'{o.input_line}' names code that no config file names. Only the "
-                        f"_target_ values in {CONF_DIR} are built: add a config file for it."
-                    )
         for value in _values(o):
             if (
                 found
@@ -170,7 +304,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
                     f"'{key}' expects {kind} (its default is {default!r}), "
                     f"but '{o.input_line}' gives the text {value!r}."
                 )
-            check_value(key, value, o.input_line)
+            check_value(key, value, f"'{o.input_line}'")
+    _check_whole_config(config_name, group_overrides, key_overrides + hydra_overrides)
 
 
 def _values(override: Any) -> list[Any]:
@@ -193,13 +328,13 @@ def _check_group_option(o: Any) -> None:
         )
 
 
-def compose(config_name: str, overrides: list[str]) -> Any:
+def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
-            return compose(config_name, overrides=overrides)
+            return compose(config_name, overrides=overrides, return_hydra_config=hydra)
     except HydraException as e:
         raise UserError(f"the configs do not compose: {e}") from None
 
@@ -251,31 +386,252 @@ def _unknown_key_message(key: str, text: str, tree: dict) -> str:
     )
 
 
+# The trust model (README, "The trust model"): configs are code, as a `_target_` names a
+# callable that is called. Only the `_target_`s that the files in conf/ name are ever built,
+# wherever a config comes from: the command line, a sweep, or a checkpoint.
+
+# The hydra.* keys a command line (or a sweep's search space) may set: paths, verbosity, and
+# the plain settings of the launchers and sweepers. The rest of hydra.* is code (callbacks,
+# logging handlers), environment variables or commands (the launcher's module, SLURM's setup
+# lines), and is set in conf/hydra/ only.
+HYDRA_KEYS = (
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+    "hydra.sweep.subdir",
+    "hydra.output_subdir",
+    "hydra.verbose",
+    "hydra.job.chdir",
+    "hydra.mode",
+    "hydra.launcher.n_jobs",
+    "hydra.launcher.gpus_per_job",
+    "hydra.launcher.dry_run",
+    "hydra.launcher.partition",
+    "hydra.launcher.timeout_min",
+    "hydra.launcher.nodes",
+    "hydra.launcher.gpus_per_node",
+    "hydra.launcher.tasks_per_node",
+    "hydra.launcher.cpus_per_task",
+    "hydra.launcher.mem_gb",
+    "hydra.launcher.array_parallelism",
+    "hydra.sweeper.n_trials",
+    "hydra.sweeper.metric",
+    "hydra.sweeper.direction",
+    "hydra.sweeper.study_name",
+    "hydra.sweeper.seed",
+    "hydra.sweeper.max_batch_size",
+    "hydra.sweeper.storage",
+    "hydra.sweeper.pruner",
+    "hydra.sweeper.pruner_args.*",
+    "hydra.sweeper.params.*",  # a search space: its values are checked like the command line's
+    "hydra/launcher",
+    "hydra/sweeper",
+    "hydra/job_logging",
+    "hydra/hydra_logging",
+)
+# Hydra builds its launcher and sweeper from registered plugin classes only.
+PLUGIN_NODES = ("hydra.launcher", "hydra.sweeper")
+# Resolvers that turn text into config nodes when a value is resolved.
+NODE_MAKERS = ("oc.create", "oc.decode")
+
+
+def _refuse_other_configs(args: Any) -> None:
+    """Configs come from conf/ alone: another config dir could name any code, and a rerun
+    pickle is unpickled (code) before any check."""
+    for flag, given in (
+        ("--config-dir (-cd)", args.config_dir),
+        ("--config-path (-cp)", args.config_path),
+        ("--experimental-rerun", args.experimental_rerun),
+    ):
+        if given is not None:
+            raise UserError(
+                f"{flag} {given} is refused: configs are read from {CONF_DIR} only, so that "
+                "nothing builds code that no file there names. Copy the configs you need into "
+                "conf/ (e.g. conf/experiment/) and select them with group=option."
+            )
+
+
+def check_hydra_override(o: Any) -> None:
+    """A hydra.* override must set one of HYDRA_KEYS to a plain value."""
+    import fnmatch
+
+    key = o.key_or_group
+    if o.is_delete() or not any(fnmatch.fnmatchcase(key, k) for k in HYDRA_KEYS):
+        raise UserError(
+            f"'{o.input_line}' is refused: of Hydra's own settings, the command line may set "
+            "only the run and sweep directories (hydra.run.dir, hydra.sweep.dir, "
+            "hydra.sweep.subdir), hydra.verbose, the plain settings of the launcher and the "
+            "sweeper (e.g. hydra.launcher.n_jobs, hydra.sweeper.n_trials), a search space "
+            "(hydra.sweeper.params.<key>) and the groups hydra/launcher, hydra/sweeper, "
+            "hydra/job_logging and hydra/hydra_logging. The others build code, set environment "
+            "variables or run commands: change them in conf/hydra/ instead."
+        )
+    if key.startswith("hydra.sweeper.params."):
+        value = o.value() if isinstance(o.value(), str) else o.get_value_element_as_str()
+        check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, o.input_line)
+        return
+    for value in _values(o):
+        plain = value is None or isinstance(value, (str, int, float, bool))
+        if not plain or (isinstance(value, str) and _makes_nodes(value)):
+            raise UserError(
+                f"'{o.input_line}' is refused: {key} takes a plain value (a number, a word or "
+                f"a path), not {value!r}."
+            )
+
+
+def check_sweep_params(params: Any, source: str) -> None:
+    """A search space (hydra.sweeper.params, an hparams_search file, an Optuna or W&B sweep):
+    each key is set for a job as a command line would set it, so the same checks apply."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for key, expression in (params or {}).items():
+        text = f"{key}={expression}"
+        try:
+            o = parser.parse_override(text)
+        except HydraException as e:
+            raise UserError(
+                f"the search space of {source} cannot be read at '{text}': "
+                f"{str(e).splitlines()[0]}."
+            ) from None
+        if o.key_or_group.startswith(("hydra.", "hydra/")):
+            check_hydra_override(o)
+        value = o.value()
+        values = [value.start, value.end] if isinstance(value, IntervalSweep) else _values(o)
+        for v in values:
+            _refuse_unknown_targets(v, f"'{text}' in {source}", o.key_or_group)
+            if (CONF_DIR / o.key_or_group).is_dir():
+                continue  # a group's options are files in conf/
+            check_value(o.key_or_group, v, f"'{text}' in {source}")
+
+
 def known_targets() -> set[str]:
-    """Every `_target_` that the config files name: the only code a stored config may build."""
+    """Every `_target_` that the config files name: the only code a config may build."""
     import re
 
     # also list items (`- _target_: ...`), as in lists of transforms
-    pattern = re.compile(r"^\s*(?:-\s+)?_target_:\s*([\w.]+)", re.MULTILINE)
+    pattern = re.compile(r"^\s*(?:-\s+)?_target_:\s*([\w.]+)\s*$", re.MULTILINE)
     return {m for path in CONF_DIR.rglob("*.yaml") for m in pattern.findall(path.read_text())}
 
 
 def check_targets(cfg: Any, source: str) -> None:
-    """Refuse a config (e.g. one read from a checkpoint) that would build code no config names."""
+    """Refuse a config that would build code no config file names: a `_target_` at any depth,
+    in dicts and lists, as written and as resolved (${oc.create:...} and ${oc.decode:...} make
+    nodes only when resolved). For stored configs and for each run's config before anything
+    in it is built."""
+    _refuse_unknown_targets(_plain(cfg), source)
+    _refuse_unknown_targets_when_resolved(cfg, source)
+
+
+def _refuse_unknown_targets(tree: Any, source: str, prefix: str = "") -> None:
+    found = _unknown_target(tree, known_targets(), prefix)
+    if found:
+        raise _target_error(source, *found)
+
+
+def _target_error(source: str, path: str, target: Any) -> UserError:
+    return UserError(
+        f"{source} asks to build {target!r} (at {path}), which no file in {CONF_DIR} names. "
+        "Only the _target_ values that the config files name are built, from the command "
+        "line, sweeps and checkpoints alike: to build something new, add a config file for it."
+    )
+
+
+def _unknown_target(tree: Any, allowed: set[str], path: str = "") -> tuple[str, Any] | None:
+    """The first `_target_` in a plain tree (dicts and lists, any depth) that is not allowed."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            here = f"{path}.{key}" if path else str(key)
+            if key == "_target_" and value not in allowed and path not in PLUGIN_NODES:
+                return here, value
+            found = _unknown_target(value, allowed, here)
+            if found:
+                return found
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            found = _unknown_target(value, allowed, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _refuse_unknown_targets_when_resolved(cfg: Any, source: str) -> None:
+    """Resolve every interpolation (hydra.* aside) and look into the nodes it makes. One that
+    cannot be resolved here is refused if it could make nodes; otherwise the entry point
+    checks it again, resolved, before it builds anything."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if not OmegaConf.is_config(cfg):
+        try:
+            cfg = OmegaConf.create(cfg)
+        except Exception:
+            return  # not a config OmegaConf reads, so nothing in it resolves
+    stack: list[tuple[Any, str]] = [(cfg, "")]
+    while stack:
+        node, path = stack.pop()
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            here = f"{path}.{key}" if path else str(key)
+            if here == "hydra":
+                continue  # paths and plain values only (check_hydra_override)
+            child = node._get_node(key)
+            if child is None:
+                continue
+            if child._is_interpolation():
+                text = str(child._value())
+                try:
+                    value = node[key]
+                    tree = _plain(value, resolve=True) if OmegaConf.is_config(value) else value
+                except Exception:
+                    if _makes_nodes(text):
+                        raise UserError(
+                            f"{source} sets {here} to {text!r}, which makes config nodes from "
+                            "text that cannot be checked before the run: write the value out."
+                        ) from None
+                    continue
+                _refuse_unknown_targets(tree, f"{source} ({here}: {text!r})", here)
+            elif isinstance(child, (DictConfig, ListConfig)) and _has_content(child):
+                stack.append((child, here))
+
+
+def _has_content(node: Any) -> bool:
+    return not (node._is_missing() or node._is_none())
+
+
+def _makes_nodes(text: str) -> bool:
+    """Whether an interpolation may turn text into nodes: a node-making resolver, or a resolver
+    whose name is itself computed (${${name}:...})."""
+    import re
+
+    squeezed = re.sub(r"\s+", "", text)
+    return any(m in squeezed for m in NODE_MAKERS) or "${${" in squeezed or ".${" in squeezed
+
+
+def _plain(cfg: Any, resolve: bool = False) -> Any:
     from omegaconf import OmegaConf
 
-    allowed = known_targets()
-    tree = OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else cfg
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            target = node.get("_target_")
-            if target is not None and target not in allowed:
-                raise UserError(
-                    f"{source} asks to build '{target}', which no file in {CONF_DIR} names. "
-                    "Only targets named by the config files are built from stored configs."
-                )
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    return OmegaConf.to_container(cfg, resolve=resolve) if OmegaConf.is_config(cfg) else cfg
+
+
+def _check_whole_config(config_name: str, groups: list[str], overrides: list[Any]) -> None:
+    """Compose what Hydra will compose (hydra.* included, each sweep at its first value) and
+    refuse any code in it that no config file names; then each other value of a sweep."""
+    lines = groups + [o.input_line for o in overrides if not o.is_sweep_override()]
+    full = compose(config_name, lines, hydra=True)
+    found = _unknown_target(_plain(full), known_targets())
+    if found:
+        path, target = found
+        culprit = next((o.input_line for o in overrides if path.startswith(o.key_or_group)), None)
+        raise _target_error(f"'{culprit}'" if culprit else "the command line's config", *found)
+    check_targets(full, "the command line")
+    check_sweep_params(full.hydra.sweeper.get("params"), "hydra.sweeper.params")
+    for o in overrides:
+        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
+            for value in _values(o):
+                _refuse_unknown_targets(value, f"'{o.input_line}'", o.key_or_group)
+                if isinstance(value, str) and _makes_nodes(value):
+                    raise UserError(
+                        f"'{o.input_line}' sweeps over {value!r}, which makes config nodes "
+                        "from text: write the value out."
+                    )

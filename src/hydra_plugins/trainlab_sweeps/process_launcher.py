@@ -5,38 +5,66 @@ memory, or changes global state would take the others with it; and a job that it
 several devices needs its own process tree, since Lightning's DDP launcher re-runs the
 command line in each child (in-process, that would re-run the whole sweep).
 
-Each job runs as a plain single run whose run directory is the job's sweep directory. The
-sweep's record is <sweep dir>/sweep.json: one entry per job with its overrides, status, error
-and final metrics, rewritten as jobs finish, so a running or broken sweep can be inspected.
+Each job runs as a plain single run whose run directory is the job's sweep directory, and
+writes its own output to <job dir>/console.log. The sweep's record is <sweep dir>/sweep.json
+(see SweepRecord): every job with its overrides, status (pending, running, finished, failed,
+interrupted), error, final metrics and, when interrupted, the command that continues it.
+
+Stopping: SIGINT or SIGTERM to this process (or its process group) is passed on to every
+running job, which finishes its step, saves last.ckpt and exits; jobs not started stay
+pending, and the entry point says how to continue. A second signal kills the jobs at once.
+Jobs run in sessions of their own, so a Ctrl-C in the terminal reaches each job once, through
+here; and each job asks the kernel for SIGTERM when this process dies (stop_with_parent).
+Run again in the same sweep dir (`resume=auto`), finished jobs are kept and the others
+continue from their checkpoints.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import logging
 import os
 import queue
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainlab.commands import override
+from trainlab.commands import override, shell
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "sweep.json"
 SWEEP_ENV = "TRAINLAB_SWEEP"  # tells a job the name of its sweep (its W&B group)
+JOB_ENV = "TRAINLAB_SWEEP_JOB"  # and its number (for Optuna's sweeper, the trial's number)
+PARENT_ENV = "TRAINLAB_SWEEP_PARENT"  # the launcher's pid: its jobs stop when it dies
+HEARTBEAT_S = 10  # how often a running sweep touches sweep.json; silent 6 times this: dead
 
-# Jobs that failed in this process's sweeps; the entry point's exit code depends on it.
-FAILED_JOBS: list[dict[str, Any]] = []
+# The sweep.json of every sweep this process ran, newest last: the entry point reports from
+# them. (Read it through the module: Hydra's plugin scan re-executes it, rebinding globals.)
+RECORDS: list[Path] = []
+
+
+class SweepStopped(BaseException):
+    """A signal stopped the sweep after every job was recorded. Not an Exception, so that
+    Hydra lets it through to the entry point instead of printing it as a crash."""
+
+    def __init__(self, signum: int, record: Path):
+        super().__init__(f"sweep stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.record = record
 
 
 class ProcessLauncher(Launcher):
@@ -53,7 +81,14 @@ class ProcessLauncher(Launcher):
         self.dry_run = dry_run
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
+        self.record: SweepRecord | None = None
         self._lock = threading.Lock()
+        self._slots: queue.Queue = queue.Queue()  # GPUs for each job running at once
+        self._workers = 1
+        self._launches = 0  # launch() calls under way
+        self._running: dict[int, subprocess.Popen] = {}
+        self._stopping: int | None = None  # the signal that stops the sweep
+        self._starting = threading.Lock()  # Hydra's config loader, one job at a time
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
@@ -61,31 +96,53 @@ class ProcessLauncher(Launcher):
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         assert self.config is not None
-        jobs = [
-            self._prepare(initial_job_idx + i, list(overrides))
-            for i, overrides in enumerate(job_overrides)
-        ]
+        with self._starting:  # Optuna's sweeper launches from several threads at once
+            jobs = [
+                self._prepare(initial_job_idx + i, list(overrides))
+                for i, overrides in enumerate(job_overrides)
+            ]
         if self.dry_run:
             for job in jobs:
                 print(f"#{job['num']}: {' '.join(job['overrides']) or '(no overrides)'}")
             print(f"{len(jobs)} job(s); nothing was run (--dry-run).")
             return [self._job_return(job, None) for job in jobs]
 
-        slots: queue.Queue = queue.Queue()
-        for slot in gpu_slots(self.n_jobs, self.gpus_per_job):
-            slots.put(slot)
-        workers = slots.qsize()
+        with self._lock:  # Optuna's sweeper launches trial after trial, from several threads
+            if self.record is None:
+                sweep_dir = Path(self.config.hydra.sweep.dir)
+                shared = bool(OmegaConf.select(self.config, "hydra.sweeper.storage"))
+                self.record = SweepRecord(sweep_dir, self._continue_command(), shared)
+                RECORDS.append(self.record.path)
+                self._slots = queue.Queue()
+                for slot in gpu_slots(self.n_jobs, self.gpus_per_job):
+                    self._slots.put(slot)
+                self._workers = self._slots.qsize()
+            self._launches += 1
+        record, slots, workers = self.record, self._slots, self._workers
+        record.add(jobs)
         log.info(f"Launching {len(jobs)} jobs, {workers} at a time, each in its own process")
 
         def run(job: dict[str, Any]) -> JobReturn:
+            kept = self._finished_earlier(job)
+            if kept is not None:
+                return kept
             slot = slots.get()
             try:
                 return self._run(job, slot, echo=workers == 1)
             finally:
                 slots.put(slot)
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(run, jobs))
+        try:
+            with _signals_to(self._on_signal), ThreadPoolExecutor(max_workers=workers) as pool:
+                returns = list(pool.map(run, jobs))
+        finally:
+            with self._lock:
+                self._launches -= 1
+                if self._launches == 0 or self._stopping is not None:
+                    record.close("interrupted" if self._stopping is not None else None)
+        if self._stopping is not None:
+            raise SweepStopped(self._stopping, record.path)
+        return returns
 
     def _prepare(self, num: int, overrides: list[str]) -> dict[str, Any]:
         """The job's config as Hydra composes it (the sweep dir and subdir resolve here)."""
@@ -96,17 +153,46 @@ class ProcessLauncher(Launcher):
         job_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
         return {"num": num, "overrides": overrides, "dir": job_dir, "cfg": cfg}
 
+    def _continue_command(self) -> str:
+        """This command with resume=auto: it finds this sweep again and continues it."""
+        args = [a for a in sys.argv[1:] if a != "resume=auto"]
+        return shell(["python", "-m", self.module, *args, "resume=auto"])
+
+    def _finished_earlier(self, job: dict[str, Any]) -> JobReturn | None:
+        """A job that an earlier run of this sweep finished: kept as it is, not run again."""
+        assert self.record is not None
+        earlier = self.record.earlier.get(job["num"], {})
+        metrics = _read_json(job["dir"] / "metrics.json")
+        done = metrics.get("status") == "finished" and same_job(
+            metrics.get("overrides") or [], job["overrides"]
+        )
+        if not (done or earlier.get("status") == "finished"):
+            return None
+        entry = {**earlier, **{k: v for k, v in metrics.items() if "/" in k}}
+        entry.update(num=job["num"], overrides=job["overrides"], dir=str(job["dir"]))
+        entry["status"] = "finished"
+        self.record.update(entry)
+        log.info(f"#{job['num']} finished in an earlier run of this sweep: kept")
+        return self._job_return(job, {**metrics, **entry})
+
     def _run(self, job: dict[str, Any], gpus: str | None, echo: bool) -> JobReturn:
+        assert self.record is not None and self.config is not None
+        if self._stopping is not None:
+            return self._job_return(job, {"status": "pending"})  # so sweep.json says
         job_dir: Path = job["dir"]
         job_dir.mkdir(parents=True, exist_ok=True)
-        sweep_dir = job_dir.parent
         env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # W&B: own service
-        env[SWEEP_ENV] = sweep_dir.name
+        env[SWEEP_ENV] = Path(self.config.hydra.sweep.dir).name
+        env[JOB_ENV] = str(job["num"])
+        env[PARENT_ENV] = str(os.getpid())
+        env["PYTHONUNBUFFERED"] = "1"  # console.log up to date, whatever happens to the job
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus
         # A list, so no shell reads it; the directory quoted for Hydra's override grammar.
         run_dir = override("hydra.run.dir", job_dir)
         cmd = [sys.executable, "-m", self.module, *job["overrides"], run_dir]
+        if (job_dir / "checkpoints").is_dir() and "resume=auto" not in cmd:
+            cmd.append("resume=auto")  # an earlier try of this job: continue it, never over it
         entry = {
             "num": job["num"],
             "overrides": job["overrides"],
@@ -114,34 +200,43 @@ class ProcessLauncher(Launcher):
             "status": "running",
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        self._record(sweep_dir, entry)
+        self.record.update(entry)
         log.info(f"#{job['num']} started: {' '.join(job['overrides'])}")
 
         started = time.perf_counter()
-        last_lines: list[str] = []
-        with open(job_dir / "console.log", "w") as console:
+        console_path = job_dir / "console.log"
+        with open(console_path, "ab") as console:  # appended to when a job is continued
+            offset = console.tell()
+            # A session of its own: a Ctrl-C in the terminal reaches it once, from _on_signal.
             proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                cmd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-            for line in proc.stdout:
-                console.write(line)
-                if echo:
-                    sys.stdout.write(line)
-                last_lines = [*last_lines[-19:], line.rstrip()]
-            exit_code = proc.wait()
+        self._running[job["num"]] = proc
+        if self._stopping is not None:  # the signal came while it started
+            _send(proc, self._stopping)
+        try:
+            exit_code = _wait(proc, console_path, offset, echo)
+        finally:
+            self._running.pop(job["num"], None)
 
         metrics = _read_json(job_dir / "metrics.json")
         entry.update({k: v for k, v in metrics.items() if "/" in k})
         entry["exit_code"] = exit_code
         entry["duration_s"] = round(time.perf_counter() - started, 2)
-        if exit_code == 0 and metrics.get("status") == "finished":
-            entry["status"] = "finished"
+        if exit_code == 0 and metrics.get("status") in ("finished", "pruned"):
+            entry["status"] = metrics["status"]  # pruned: stopped early by Optuna's pruner
+        elif self._stopping is not None or metrics.get("status") == "interrupted":
+            entry["status"] = "interrupted"
+            entry["resume"] = self._job_command(job)
         else:
             entry["status"] = "failed"
-            entry["error"] = metrics.get("error") or _error_line(last_lines, exit_code)
-            with self._lock:
-                FAILED_JOBS.append(entry)
-        self._record(sweep_dir, entry)
+            entry["error"] = metrics.get("error") or _error_line(_tail(console_path), exit_code)
+        self.record.update(entry)
         shown = f"val/acc_best {entry['val/acc_best']:.4f}" if "val/acc_best" in entry else ""
         log.info(
             f"#{job['num']} {entry['status']} in {entry['duration_s']:.0f}s: "
@@ -149,19 +244,35 @@ class ProcessLauncher(Launcher):
         )
         return self._job_return(job, {**metrics, **entry})
 
-    def _record(self, sweep_dir: Path, entry: dict[str, Any]) -> None:
-        """Merge one job's entry into sweep.json (written whole, then renamed)."""
-        from trainlab.run import write_json
+    def _job_command(self, job: dict[str, Any]) -> str:
+        """The command that continues this one job alone, from its checkpoint."""
+        args = [o for o in job["overrides"] if o != "resume=auto"]
+        run_dir = override("hydra.run.dir", job["dir"])
+        return shell(["python", "-m", self.module, *args, "resume=auto", run_dir])
 
-        with self._lock:
-            summary = _read_json(sweep_dir / SUMMARY_FILE) or {"jobs": {}}
-            summary["jobs"][str(entry["num"])] = entry
-            summary["failed"] = sum(j["status"] == "failed" for j in summary["jobs"].values())
-            write_json(sweep_dir / SUMMARY_FILE, summary)
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT or SIGTERM: every running job finishes its step, saves and stops, and no
+        new job starts. Asked again: every job is killed at once."""
+        running = list(self._running.values())
+        name = signal.Signals(signum).name
+        if self._stopping is None:
+            self._stopping = signum
+            print(
+                f"\n{name}: stopping the sweep; {len(running)} running job(s) finish their step "
+                "and save a checkpoint (Ctrl-C again stops them at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+            for proc in running:
+                _send(proc, signum)
+        else:
+            print(f"\n{name} again: killing every job now", file=sys.stderr, flush=True)
+            for proc in running:
+                _send(proc, signal.SIGKILL, group=True)
 
     def _job_return(self, job: dict[str, Any], value: Any) -> JobReturn:
         # Always COMPLETED: Hydra's sweepers stop the whole sweep at a FAILED job, while a
-        # failure here is recorded in sweep.json and FAILED_JOBS, and the other jobs go on.
+        # failure here is recorded in sweep.json, and the other jobs go on.
         ret = JobReturn(
             overrides=job["overrides"],
             cfg=job["cfg"],
@@ -171,6 +282,224 @@ class ProcessLauncher(Launcher):
         )
         ret.return_value = value
         return ret
+
+
+class SweepRecord:
+    """<sweep dir>/sweep.json, rewritten whole (then renamed) at every change and every
+    HEARTBEAT_S seconds while the sweep runs. It holds the command that continues the sweep
+    (`resume`), its status (running, finished, failed, interrupted), the launcher's pid, host
+    and last heartbeat (see launcher_alive), and one entry per job."""
+
+    def __init__(self, sweep_dir: Path, resume: str, shared: bool = False):
+        """`shared`: other sweeps may write here at the same time (an Optuna study in a shared
+        storage); their jobs are kept when this one saves. Otherwise a running sweep is
+        refused."""
+        self.path = sweep_dir / SUMMARY_FILE
+        self._lock = threading.Lock()
+        self._shared = shared
+        self._ours: set[str] = set()
+        self.data = _read_json(self.path)
+        if launcher_alive(self.data) and not shared:
+            launcher = self.data["launcher"]
+            _refuse(
+                f"{sweep_dir} belongs to a sweep that is still running (pid {launcher['pid']} "
+                f"on {launcher['host']}). Wait for it or stop it (Ctrl-C there, or kill "
+                f"{launcher['pid']}), then run this again."
+            )
+        # What an earlier run of this sweep left: finished jobs are kept, the others run again.
+        self.earlier = {int(n): job for n, job in self.data.get("jobs", {}).items()}
+        self.data["jobs"] = dict(self.data.get("jobs", {}))
+        self.data["command"] = sys.argv[1:]  # what resume=auto looks for (unfinished_sweep)
+        self.data["resume"] = resume
+        self.data["launcher"] = {"pid": os.getpid(), "host": socket.gethostname()}
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        threading.Thread(target=self._beat, daemon=True, name="sweep-heartbeat").start()
+
+    def add(self, jobs: list[dict[str, Any]]) -> None:
+        """Every job about to be launched, as pending (finished ones stay as they are)."""
+        for job in jobs:
+            earlier = self.earlier.get(job["num"])
+            if earlier and not same_job(earlier.get("overrides", []), job["overrides"]):
+                _refuse(
+                    f"{self.path.parent} holds another sweep: its job #{job['num']} ran "
+                    f"'{' '.join(earlier['overrides'])}', this command's is "
+                    f"'{' '.join(job['overrides'])}'. Continue that sweep with its own command "
+                    f"({self.data.get('resume', '?')}), or leave hydra.sweep.dir to its default."
+                )
+        with self._lock:
+            self._ours |= {str(job["num"]) for job in jobs}
+            for job in jobs:
+                if self.data["jobs"].get(str(job["num"]), {}).get("status") != "finished":
+                    self.data["jobs"][str(job["num"])] = {
+                        "num": job["num"],
+                        "overrides": job["overrides"],
+                        "dir": str(job["dir"]),
+                        "status": "pending",
+                    }
+            self.data["status"] = "running"
+            self._save()
+
+    def update(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.data["jobs"][str(entry["num"])] = entry
+            self._save()
+
+    def close(self, status: str | None) -> None:
+        """The sweep's status once its jobs have returned: `status`, or what the jobs say."""
+        with self._lock:
+            states = {job["status"] for job in self.data["jobs"].values()}
+            done = states <= {"finished", "pruned"}
+            self.data["status"] = status or ("finished" if done else "failed")
+            self._save()
+
+    def _save(self) -> None:  # with self._lock held
+        from trainlab.run import write_json
+
+        self.data["launcher"]["heartbeat"] = round(time.time(), 1)
+        if self._shared:  # the other sweeps' jobs as they wrote them
+            theirs = _read_json(self.path).get("jobs", {})
+            self.data["jobs"].update({n: j for n, j in theirs.items() if n not in self._ours})
+        self.data["failed"] = sum(j["status"] == "failed" for j in self.data["jobs"].values())
+        write_json(self.path, self.data)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self._lock:
+                self._save()
+
+
+def same_job(recorded: list[str], overrides: list[str]) -> bool:
+    """Whether two jobs' overrides are the same setting (resume=auto aside)."""
+
+    def key(items: list[str]) -> list[str]:
+        return sorted(o for o in items if not o.startswith("resume="))
+
+    return key(recorded) == key(overrides)
+
+
+def launcher_alive(record: dict[str, Any]) -> bool:
+    """Whether the sweep that wrote this sweep.json record still runs. A launcher killed
+    outright leaves "running" behind: on its own host its process is gone, and on any host its
+    heartbeat stops."""
+    launcher = record.get("launcher") or {}
+    if record.get("status") != "running" or "heartbeat" not in launcher:
+        return False
+    if time.time() - launcher["heartbeat"] > 6 * HEARTBEAT_S:
+        return False
+    if launcher.get("host") != socket.gethostname():
+        return True
+    try:  # a zombie (killed, not yet reaped by its parent) is dead too
+        fields = Path(f"/proc/{int(launcher['pid'])}/stat").read_text().rsplit(")", 1)[1]
+        return fields.split()[0] != "Z"
+    except OSError:
+        return False
+    except (ValueError, IndexError):
+        return True
+
+
+def unfinished_sweep(sweeps_dir: Path, args: list[str]) -> Path | None:
+    """The newest sweep under sweeps_dir run by the command `args` (resume=, the sweep's dir
+    and the launcher's settings aside), if it did not finish: what `-m ... resume=auto`
+    continues. One that is still running is refused."""
+
+    def key(items: list[str]) -> list[str]:
+        ignored = ("-", "resume=", "hydra.sweep.dir=", "hydra.launcher.")
+        return sorted(a for a in items if not a.lstrip("+").startswith(ignored))
+
+    wanted = key(args)
+    for path in sorted(sweeps_dir.glob(f"*/{SUMMARY_FILE}"), reverse=True):  # newest first
+        record = _read_json(path)
+        if key(record.get("command") or []) != wanted:
+            continue
+        if launcher_alive(record):
+            _refuse(f"the sweep in {path.parent} is still running; wait for it or stop it.")
+        return None if sweep_status(record) == "finished" else path.parent
+    return None
+
+
+def sweep_status(record: dict[str, Any]) -> str:
+    """The sweep's status as recorded, or "died" where the record says running but its
+    launcher is gone."""
+    status = record.get("status") or "unknown"
+    return "died" if status == "running" and not launcher_alive(record) else status
+
+
+def stop_with_parent() -> None:
+    """In a job of a sweep: SIGTERM when the sweep's process dies (killed outright, say), so
+    that the job saves its checkpoint and stops rather than training on as an orphan.
+
+    The kernel sends it when the *thread* that started the job ends: here a worker thread of
+    the launcher, which waits for its job and so outlives it unless the whole process dies.
+    Linux only; elsewhere the jobs of a killed sweep run to their end.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)  # not inherited by processes the job starts
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_to(handler: Any) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` inside the block (only the main thread can ask)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def _send(proc: subprocess.Popen, signum: int, group: bool = False) -> None:
+    try:
+        if group:
+            os.killpg(proc.pid, signum)  # the job and any processes it started
+        else:
+            proc.send_signal(signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # it has just ended
+
+
+def _wait(proc: subprocess.Popen, console: Path, offset: int, echo: bool) -> int:
+    """The job's exit code; with echo, its console.log copied to this terminal as it grows."""
+    if not echo:
+        return proc.wait()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(console, "rb") as f:
+        f.seek(offset)
+        while True:
+            exit_code = proc.poll()
+            text = decoder.decode(f.read())
+            if text:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            if exit_code is not None:
+                return exit_code
+            time.sleep(0.2)
+
+
+def _tail(path: Path, size: int = 8192) -> list[str]:
+    """The last lines of a file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - size))
+            return f.read().decode(errors="replace").splitlines()[-20:]
+    except OSError:
+        return []
+
+
+def _refuse(message: str) -> None:
+    from trainlab.errors import UserError, exit_with
+
+    exit_with(UserError(message))
 
 
 def gpu_slots(n_jobs: int, gpus_per_job: int | None) -> list[str | None]:

@@ -171,6 +171,8 @@ class ProcessLauncher(Launcher):
         entry = {**earlier, **{k: v for k, v in metrics.items() if "/" in k}}
         entry.update(num=job["num"], overrides=job["overrides"], dir=str(job["dir"]))
         entry["status"] = "finished"
+        for stale in ("error", "resume", "exit_code"):
+            entry.pop(stale, None)
         self.record.update(entry)
         log.info(f"#{job['num']} finished in an earlier run of this sweep: kept")
         return self._job_return(job, {**metrics, **entry})
@@ -224,12 +226,14 @@ class ProcessLauncher(Launcher):
         finally:
             self._running.pop(job["num"], None)
 
+        stopping = self._stopping is not None
         metrics = _read_json(job_dir / "metrics.json")
         entry.update({k: v for k, v in metrics.items() if "/" in k})
         entry["exit_code"] = exit_code
         entry["duration_s"] = round(time.perf_counter() - started, 2)
-        if exit_code == 0 and metrics.get("status") in ("finished", "pruned"):
-            entry["status"] = metrics["status"]  # pruned: stopped early by Optuna's pruner
+        if metrics.get("status") in ("finished", "pruned") and (exit_code == 0 or stopping):
+            # pruned: stopped early by Optuna's pruner; a signal after its end loses nothing
+            entry["status"] = metrics["status"]
         elif self._stopping is not None or metrics.get("status") == "interrupted":
             entry["status"] = "interrupted"
             entry["resume"] = self._job_command(job)

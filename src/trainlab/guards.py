@@ -75,24 +75,58 @@ class StopOnSignal(pl.Callback):
 
 
 class StopOnNonFiniteLoss(pl.Callback):
-    """A NaN or infinite training loss stops the run at once, naming the step, the learning
-    rate and the last good checkpoint (checked every step: it costs one scalar comparison)."""
+    """A training loss that is NaN or infinite, or that has grown `divergence_factor` times
+    over its starting value, stops the run at once, naming the step, the learning rate and the
+    last good checkpoint. Checked every step at the cost of a scalar comparison.
 
-    def __init__(self, ckpt_dir: str | Path):
+    The starting value is the first step's |loss|, and at least 1, so that a loss that starts
+    near 0 is not called diverging for reaching 0.01. It is kept in checkpoints, so that a
+    resumed run compares with the same start. divergence_factor=None checks NaN and infinity
+    only.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, divergence_factor: float | None = None):
         self.ckpt_dir = Path(ckpt_dir)
+        self.factor = divergence_factor
+        self.reference: float | None = None  # the first step's |loss|, at least 1
+        self.limit = math.inf
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None or math.isfinite(float(loss)):
+        if loss is None:
             return
+        value = float(loss)
+        if self.reference is None and math.isfinite(value):
+            self._set_reference(max(abs(value), 1.0))
+        if not abs(value) < self.limit:  # NaN and infinity fail this too
+            self._stop(trainer, value)
+
+    def _set_reference(self, reference: float) -> None:
+        self.reference = reference
+        self.limit = self.factor * reference if self.factor is not None else math.inf
+
+    def _stop(self, trainer, value: float) -> None:
+        grown = (
+            f", more than divergence_factor={self.factor:g} times its start "
+            f"({self.reference:.4g}): it diverges"
+            if math.isfinite(value)
+            else ""
+        )
         lrs = ", ".join(f"{g['lr']:.3g}" for opt in trainer.optimizers for g in opt.param_groups)
         last = self.ckpt_dir / "last.ckpt"
         saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
         raise UserError(
-            f"the training loss is {float(loss)} at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step} (learning rate {lrs}); {saved}. Lower optimizer.lr, clip "
-            "gradients (+trainer.gradient_clip_val=1.0), or check the data for NaNs."
+            f"the training loss is {value:.4g} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}{grown} (learning rate {lrs}); {saved}. Lower optimizer.lr, "
+            "clip gradients (+trainer.gradient_clip_val=1.0), or check the data for NaNs."
         )
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        if state.get("reference") is not None:
+            self._set_reference(state["reference"])
 
 
 class RanksAgree(pl.Callback):

@@ -59,7 +59,7 @@ def train(
     callbacks += [
         checkpoint.CheckpointRecord(config),
         StopOnSignal(ckpt_dir, resume),
-        StopOnNonFiniteLoss(ckpt_dir),
+        StopOnNonFiniteLoss(ckpt_dir, cfg.get("divergence_factor")),
         agree,
         progress_bar(),
         *pruning.from_env(),  # a trial of an Optuna sweep reports to its study
@@ -252,7 +252,7 @@ def _report_sweep(record: Path, signum: int | None = None) -> None:
     jobs = list(summary["jobs"].values())
     count = {s: sum(j["status"] == s for j in jobs) for s in ("finished", "interrupted", "pending")}
     failed = [j for j in jobs if j["status"] == "failed"]
-    if signum is None and count["finished"] == len(jobs):
+    if signum is None and all(j["status"] in ("finished", "pruned") for j in jobs):
         return
     words = []
     if signum is not None:

@@ -226,6 +226,7 @@ def read(path: str | Path) -> dict[str, Any]:
             f"{path} holds no trainlab config: it was not written by trainlab.train, so the "
             "model cannot be rebuilt from it."
         )
+    check_targets(ckpt[KEY].get("config") or {}, f"checkpoint {path}")  # whatever reads it
     return ckpt
 
 

@@ -3,15 +3,34 @@
 The search space is written in Hydra's sweep syntax, e.g.
     optimizer.lr: tag(log, interval(1e-4, 1e-1))
     data.batch_size: choice(32, 64, 128)
-Trials run through the sweep's launcher (one process each, n_jobs at a time). The study lives
-in <sweep dir>/optuna.db, so the same command run again continues the study: finished trials
-are kept and counted, a trial cut off by an interruption is marked failed and not counted.
+Trials run through the sweep's launcher, one process each. With n_jobs > 1, n_jobs workers
+each ask the sampler for a trial as soon as their previous one ends (TPE's constant liar keeps
+them from asking for the trials that are still running), so a slow trial holds only its own slot.
+
+Pruning: with `pruner=median` (or hyperband, successive_halving, threshold) every trial reports
+the metric to the study after each epoch and stops early when the pruner says so (see
+trainlab.pruning); it is recorded as "pruned", not failed.
+
+Storage: by default the study lives in <sweep dir>/optuna.db, so the same command run again
+continues it. `storage=` takes any Optuna database URL (sqlite:///..., postgresql://...,
+mysql+pymysql://...) or the path of a journal file (any value without "://"; Optuna's
+JournalStorage, which needs only a shared file system). Several sweep commands, on several
+machines, can work on one such study: together they run n_trials. Finished, pruned, running and
+self-failed trials are counted; a trial cut off by an interruption is marked failed and not
+counted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import signal
+import socket
+import threading
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +38,25 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from trainlab.commands import override
+from trainlab.errors import UserError
 
 log = logging.getLogger(__name__)
 
 STORAGE_FILE = "optuna.db"
+# A trial process finds its study (as JSON) here, and its number in the launcher's JOB_ENV: a
+# trial runs as the job of the same number (see trainlab.pruning).
+STUDY_ENV = "TRAINLAB_OPTUNA_STUDY"
+PRUNERS = {
+    "none": "NopPruner",
+    "median": "MedianPruner",
+    "hyperband": "HyperbandPruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "threshold": "ThresholdPruner",
+}
+ORPHAN_AFTER_S = 60  # a running trial with no owner recorded this long is left from a crash
 
 
 class OptunaSweeper(Sweeper):
@@ -35,6 +68,9 @@ class OptunaSweeper(Sweeper):
         direction: str = "maximize",
         study_name: str = "study",
         seed: int | None = None,
+        storage: str | None = None,
+        pruner: str = "none",
+        pruner_args: dict[str, Any] | None = None,
     ) -> None:
         self.params = dict(params or {})
         self.n_trials = n_trials
@@ -42,8 +78,14 @@ class OptunaSweeper(Sweeper):
         self.direction = direction
         self.study_name = study_name
         self.seed = seed
+        self.storage = storage
+        self.pruner = pruner
+        self.pruner_args = _plain(pruner_args)
         self.config: DictConfig | None = None
         self.launcher: Any = None
+        self._asking = threading.Lock()  # one worker at a time asks and checks the budget
+        self._stop = threading.Event()
+        self._errors: list[BaseException] = []
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
@@ -53,60 +95,228 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
-        from optuna.trial import TrialState
 
         assert self.config is not None
         space = search_space(self.params)
         fixed = _fixed_arguments(arguments)
+        make_pruner(self.pruner, self.pruner_args)  # a typo fails here, not in every trial
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        storage = storage_url(self.storage, sweep_dir)
+        n_jobs = getattr(self.launcher, "n_jobs", 1)
         if self.config.hydra.launcher.get("dry_run"):
             goal = "maximising" if self.direction == "maximize" else "minimising"
             print(f"Optuna study '{self.study_name}': {self.n_trials} trials {goal} {self.metric}")
+            print(f"  stored in {storage}, pruner {self.pruner}, {n_jobs} trial(s) at a time")
             for key, dist in space.items():
                 print(f"  {key}: {dist}")
             print(f"Each trial also gets: {' '.join(fixed) or '(no other overrides)'}")
             return
 
-        sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
-            study_name=self.study_name,
-            storage=f"sqlite:///{sweep_dir / STORAGE_FILE}",
-            direction=self.direction,
-            sampler=optuna.samplers.TPESampler(seed=self.seed),
-            load_if_exists=True,
+        study = self._open_study(storage)
+        self._fail_orphans(study)
+        done = self._counted(study)
+        if done:
+            log.info(f"Continuing study '{self.study_name}': {done} of {self.n_trials} counted")
+        os.environ[STUDY_ENV] = json.dumps(
+            {
+                "storage": storage,
+                "study": self.study_name,
+                "metric": self.metric,
+                "pruner": self.pruner,
+                "pruner_args": self.pruner_args,
+            }
         )
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            log.info(f"Trial {trial.number} was cut off by an interruption: marked failed")
-            study.tell(trial.number, state=TrialState.FAIL)
+        if n_jobs == 1:  # in this thread, where the launcher handles signals itself
+            self._work(study, space, fixed)
+        else:
+            self._work_in_threads(n_jobs, study, space, fixed)
+        if self._errors:
+            raise self._errors[0]
 
-        def counted() -> int:  # finished trials and trials that failed on their own
-            return sum(
-                t.state == TrialState.COMPLETE or "error" in t.user_attrs
-                for t in study.get_trials(deepcopy=False)
-            )
-
-        if counted():
-            log.info(f"Continuing study '{self.study_name}': {counted()} of {self.n_trials} done")
-        batch = getattr(self.launcher, "n_jobs", 1)
-        while (done := counted()) < self.n_trials:
-            trials = [study.ask(space) for _ in range(min(batch, self.n_trials - done))]
-            overrides = [fixed + [f"{k}={t.params[k]}" for k in space] for t in trials]
-            returns = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-            for trial, ret in zip(trials, returns, strict=True):
-                record = ret.return_value or {}
-                value = record.get(self.metric) if record.get("status") == "finished" else None
-                if value is None or not math.isfinite(value):
-                    trial.set_user_attr("error", record.get("error") or f"no {self.metric}")
-                    study.tell(trial, state=TrialState.FAIL)
-                else:
-                    study.tell(trial, value)
-
-        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if completed:
             best = study.best_trial
             params = " ".join(f"{k}={v}" for k, v in best.params.items())
             log.info(f"Best {self.metric} = {best.value:.4f} (trial {best.number}): {params}")
+
+    def _open_study(self, storage: str) -> Any:
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=self._sampler_seed(), constant_liar=True)
+        try:
+            return optuna.create_study(
+                study_name=self.study_name,
+                storage=open_storage(storage),
+                direction=self.direction,
+                sampler=sampler,
+                pruner=make_pruner(self.pruner, self.pruner_args),
+                load_if_exists=True,
+            )
+        except (ImportError, OSError, ValueError) as e:  # a missing driver, a bad URL or path
+            raise UserError(
+                f"hydra.sweeper.storage={storage} could not be opened ({type(e).__name__}: "
+                f"{e}). Give a database URL whose driver is installed (postgresql://user@host/"
+                "db needs psycopg2, mysql+pymysql://... needs pymysql; sqlite:///path.db needs "
+                "nothing) or the path of a journal file on a shared file system "
+                "(e.g. /shared/study.log)."
+            ) from None
+
+    def _sampler_seed(self) -> int | None:
+        if self.seed is None or not self.storage:
+            return self.seed
+        # Other sweeps may share this study: with one seed they would all ask for the same
+        # first trials. Each its own; a shared study's order is not repeatable anyway.
+        return zlib.crc32(f"{self.seed}:{socket.gethostname()}:{os.getpid()}".encode())
+
+    def _fail_orphans(self, study: Any) -> None:
+        """Trials left running by a sweep of this host that is gone (interrupted or killed):
+        marked failed, so that they are not counted. Other hosts' running trials are theirs."""
+        from optuna.trial import TrialState
+
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = trial.user_attrs.get("owner")
+            if owner is None:
+                age = (_now(trial) - trial.datetime_start).total_seconds()
+                orphan = age > ORPHAN_AFTER_S
+            else:
+                host, pid = owner.rsplit(":", 1)
+                orphan = host == socket.gethostname() and not _alive(int(pid))
+            if orphan:
+                log.info(f"Trial {trial.number} was cut off by an interruption: marked failed")
+                study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def _work_in_threads(self, n_jobs: int, study: Any, space: dict, fixed: list[str]) -> None:
+        """n_jobs workers, each running one trial after another. Signals reach this (the main)
+        thread: they stop the workers asking, and the launcher's handler stops the jobs."""
+        workers = [
+            threading.Thread(target=self._work, args=(study, space, fixed), name=f"trials-{i}")
+            for i in range(n_jobs)
+        ]
+        passed_on = getattr(self.launcher, "_on_signal", None)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stop.set()
+            if passed_on is not None:
+                passed_on(signum, frame)
+            else:
+                signal.default_int_handler(signum, frame)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _work(self, study: Any, space: dict, fixed: list[str]) -> None:
+        """Ask for a trial, run it, tell its result; again until the study has its n_trials."""
+        from optuna.trial import TrialState
+
+        while not self._stop.is_set():
+            with self._asking:
+                if self._counted(study) >= self.n_trials:
+                    return
+                trial = study.ask(space)
+                trial.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
+                if not self._within_budget(study, trial.number):
+                    # Another sweep on this study asked at the same moment and came first.
+                    trial.set_user_attr("skipped", "the study already had its n_trials")
+                    study.tell(trial, state=TrialState.FAIL)
+                    return
+            overrides = [
+                *fixed,
+                *(_param(key, trial.params[key]) for key in space),
+            ]
+            try:
+                (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+            except BaseException as e:  # stopped by a signal, or a bug: stop every worker
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                self._stop.set()
+                self._errors.append(e)
+                return
+            self._tell(study, trial, ret.return_value or {})
+
+    def _tell(self, study: Any, trial: Any, record: dict[str, Any]) -> None:
+        from optuna.trial import TrialState
+
+        status = record.get("status")
+        value = record.get(self.metric)
+        if status == "finished" and value is not None and math.isfinite(value):
+            study.tell(trial, value)
+        elif status == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)  # its last reported value is kept
+        elif status in ("interrupted", "pending"):  # stopped by a signal: not counted
+            study.tell(trial, state=TrialState.FAIL)
+            self._stop.set()
+        else:
+            trial.set_user_attr("error", record.get("error") or f"no {self.metric}")
+            study.tell(trial, state=TrialState.FAIL)
+
+    def _counted(self, study: Any) -> int:
+        return sum(map(_counts, study.get_trials(deepcopy=False)))
+
+    def _within_budget(self, study: Any, number: int) -> bool:
+        """Whether trial `number` is one of the study's n_trials: trial numbers are handed out
+        by the storage in order, so of several sweeps asking at once the earlier numbers win."""
+        before = [t for t in study.get_trials(deepcopy=False) if t.number < number]
+        return sum(map(_counts, before)) < self.n_trials
+
+
+def _counts(trial: Any) -> bool:
+    """Finished, pruned, running, or failed on its own (not cut off, not skipped)."""
+    from optuna.trial import TrialState
+
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+        return True
+    return trial.state == TrialState.FAIL and "error" in trial.user_attrs
+
+
+def storage_url(storage: str | None, sweep_dir: Path) -> str:
+    """The study's storage as every process can open it: a URL, or a journal file's absolute
+    path (the sweep's trials run in the same working directory, but other machines may not)."""
+    if not storage:
+        return f"sqlite:///{sweep_dir.resolve() / STORAGE_FILE}"
+    if "://" in storage:
+        return storage
+    return str(Path(storage).expanduser().resolve())
+
+
+def open_storage(storage: str) -> Any:
+    """An Optuna storage from storage_url's answer: a database URL as it is (Optuna opens it),
+    anything else a journal file (created with its directory)."""
+    if "://" in storage:
+        return storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(storage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_pruner(name: str, args: dict[str, Any] | None = None) -> Any:
+    """One of Optuna's pruners by its short name, with `args` for its constructor."""
+    import optuna
+
+    if name not in PRUNERS:
+        raise UserError(
+            f"hydra.sweeper.pruner={name} is not a pruner: choose one of {', '.join(PRUNERS)} "
+            "(the pruner's own arguments go in hydra.sweeper.pruner_args, e.g. "
+            "'+hydra.sweeper.pruner_args.n_warmup_steps=2')."
+        )
+    try:
+        return getattr(optuna.pruners, PRUNERS[name])(**(args or {}))
+    except (TypeError, ValueError) as e:
+        raise UserError(
+            f"hydra.sweeper.pruner_args={args} do not fit optuna.pruners.{PRUNERS[name]}: {e}."
+        ) from None
 
 
 def search_space(params: dict[str, str]) -> dict[str, Any]:
@@ -141,11 +351,38 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
 def _fixed_arguments(arguments: list[str]) -> list[str]:
     """Command-line overrides shared by every trial; sweeps belong in the search space."""
     parsed = OverridesParser.create().parse_overrides(arguments)
-    for override in parsed:
-        if override.is_sweep_override():
+    for override_ in parsed:
+        if override_.is_sweep_override():
             raise ValueError(
-                f"'{override.input_line}' sweeps, but with the Optuna sweeper the search "
+                f"'{override_.input_line}' sweeps, but with the Optuna sweeper the search "
                 f"space goes in hydra.sweeper.params (e.g. "
-                f"'hydra.sweeper.params.{override.get_key_element()}=choice(...)')."
+                f"'hydra.sweeper.params.{override_.get_key_element()}=choice(...)')."
             )
     return [o.input_line for o in parsed]
+
+
+def _param(key: str, value: Any) -> str:
+    # Numbers bare (quoted, Hydra would read them as strings), strings quoted.
+    return override(key, value) if isinstance(value, str) else f"{key}={value}"
+
+
+def _plain(args: Any) -> dict[str, Any]:
+    if args is None:
+        return {}
+    return OmegaConf.to_container(args) if OmegaConf.is_config(args) else dict(args)
+
+
+def _now(trial: Any) -> Any:
+    import datetime
+
+    return datetime.datetime.now(tz=trial.datetime_start.tzinfo)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

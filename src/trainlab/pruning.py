@@ -1,0 +1,80 @@
+"""A trial of an Optuna sweep reports its metric to the study after every epoch, and stops early
+when the study's pruner says it will not catch up.
+
+The Optuna sweeper (hydra_plugins/trainlab_sweeps/optuna_sweeper.py) tells each trial process
+where its study is (the environment variable STUDY_ENV, as JSON); the process launcher tells
+it its job's number (JOB_ENV), which is the trial's. A pruned run stops at the end of the
+epoch like any finished one, keeping its checkpoints and curves; train() records it "pruned".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+
+from hydra_plugins.trainlab_sweeps.optuna_sweeper import STUDY_ENV, make_pruner, open_storage
+from hydra_plugins.trainlab_sweeps.process_launcher import JOB_ENV
+
+
+def from_env() -> list[pl.Callback]:
+    """[ReportToStudy] in a trial of an Optuna sweep, [] in any other run."""
+    study, number = os.environ.get(STUDY_ENV), os.environ.get(JOB_ENV)
+    if not (study and number):
+        return []
+    return [ReportToStudy(json.loads(study), int(number))]
+
+
+def pruned(trainer: pl.Trainer) -> bool:
+    return any(isinstance(c, ReportToStudy) and c.pruned for c in trainer.callbacks)
+
+
+class ReportToStudy(pl.Callback):
+    """trial.report(metric, epoch) after each validation, and should_prune(); with several
+    devices rank 0 asks the study and tells the others."""
+
+    def __init__(self, study: dict[str, Any], number: int):
+        self.study = study
+        self.number = number
+        self.pruned = False
+        self._trial: Any = None
+        self._reported: set[int] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self._trial = self._open_trial()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        if trainer.sanity_checking or epoch in self._reported:  # once an epoch
+            return
+        self._reported.add(epoch)
+        prune = False
+        value = trainer.callback_metrics.get(self.study["metric"])
+        if self._trial is not None and value is not None:
+            self._trial.report(float(value), epoch)
+            prune = self._trial.should_prune()
+        if trainer.world_size > 1:
+            prune = trainer.strategy.broadcast(prune)
+        if prune:
+            self.pruned = True
+            trainer.should_stop = True  # a normal end: checkpoints and logs are written
+        if prune and trainer.is_global_zero:
+            print(
+                f"Trial {self.number} pruned after epoch {epoch} "
+                f"({self.study['metric']} = {float(value):.4f}): stopping."
+            )
+
+    def _open_trial(self) -> Any:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(
+            study_name=self.study["study"],
+            storage=open_storage(self.study["storage"]),
+            pruner=make_pruner(self.study["pruner"], self.study.get("pruner_args")),
+        )
+        (frozen,) = (t for t in study.get_trials(deepcopy=False) if t.number == self.number)
+        return optuna.trial.Trial(study, frozen._trial_id)

@@ -1,12 +1,13 @@
 """Compare runs without a server: a leaderboard in the terminal, plots as PNG and one HTML page.
 
-    python -m trainlab.compare logs/train/sweeps/<time> [more sweep or run dirs]
-        [--metric val/acc_best] [--out DIR] [--top 5]
+    python -m trainlab.compare logs/ [more folders] [--metric val/acc_best] [--out DIR] [--top 5]
 
-It reads what every run directory holds (metrics.json, metrics.csv, .hydra/config.yaml) and
-the sweep's sweep.json, so it works on finished sweeps, on sweeps still running, and on
-sweeps where some jobs failed (they are listed with their error). Runs that differ only by
-their seed are grouped, their metric shown as mean +- std.
+It finds every run and sweep at or below the folders it is given, and reads what every run
+directory holds (metrics.json, metrics.csv, .hydra/config.yaml) and each sweep's sweep.json,
+so it works on finished sweeps, on sweeps still running, stopped or dead, and on sweeps where
+some jobs failed (listed with their error; interrupted and pending jobs with the command that
+continues them). A record it cannot read is named with what is wrong, never skipped. Runs that
+differ only by their seed are grouped, their metric shown as mean +- std.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import html
 import json
 import statistics
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra_plugins.trainlab_sweeps.process_launcher import SUMMARY_FILE, sweep_status
+from trainlab.commands import override, train_command
 from trainlab.errors import UserError, exit_on_user_error
 
 IGNORED_IN_GROUPS = ("seed=", "hparams_search=")  # what differs between repeats of one setting
@@ -31,10 +35,11 @@ IGNORED_IN_GROUPS = ("seed=", "hparams_search=")  # what differs between repeats
 class Run:
     dir: Path
     overrides: list[str]
-    status: str  # finished, failed, interrupted, running
+    status: str  # finished, failed, interrupted, pending, running, unreadable
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    resume: str | None = None  # the command that continues it (interrupted or pending)
 
     @property
     def group(self) -> tuple[str, ...]:
@@ -61,47 +66,112 @@ class Run:
             ]
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run under the given sweep directories (or the run directories themselves)."""
-    runs = []
+@dataclass
+class Problem:
+    """A record that could not be read, or a sweep that died: listed, never dropped."""
+
+    path: Path
+    what: str
+    kind: str = "unreadable"  # or "died": a sweep whose process is gone
+
+
+def find_runs(paths: list[Path]) -> tuple[list[Run], list[Problem]]:
+    """Every run at or below the given folders (runs, sweeps, or any folder holding them, such
+    as logs/), and what could not be read there."""
+    runs: list[Run] = []
+    problems: list[Problem] = []
     for path in paths:
         if not path.is_dir():
-            raise UserError(f"{path} is not a directory: give sweep or run directories.")
-        jobs = _read_json(path / "sweep.json").get("jobs", {})
-        by_dir = {Path(entry["dir"]).name: entry for entry in jobs.values()}
-        if _is_run_dir(path):
-            candidates = [path]
-        else:
-            names = {p.name for p in path.iterdir() if _is_run_dir(p)} | set(by_dir)
-            candidates = [path / n for n in sorted(names, key=lambda n: (len(n), n))]
-        runs += [_load_run(d, by_dir.get(d.name, {})) for d in candidates]
-    if not runs:
-        raise UserError(f"no runs found under {', '.join(map(str, paths))}.")
-    return runs
+            raise UserError(f"{path} is not a directory: give run, sweep or log directories.")
+        for found in _walk(path):
+            if _is_sweep_dir(found):
+                runs += _load_sweep(found, problems)
+            else:
+                runs.append(_load_run(found, {}, problems))
+    if not runs and not problems:
+        raise UserError(
+            f"no runs found under {', '.join(map(str, paths))}: a run's directory holds "
+            "metrics.json or .hydra/, a sweep's sweep.json or multirun.yaml."
+        )
+    return runs, problems
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Sweep and run directories at or below `folder`, without looking inside them."""
+    if _is_sweep_dir(folder) or _is_run_dir(folder):
+        yield folder
+        return
+    for child in sorted(folder.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            yield from _walk(child)
+
+
+def _is_sweep_dir(path: Path) -> bool:
+    return (path / SUMMARY_FILE).is_file() or (path / "multirun.yaml").is_file()
 
 
 def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "metrics.json").is_file() or (path / ".hydra").is_dir())
 
 
-def _load_run(run_dir: Path, job: dict[str, Any]) -> Run:
-    record = _read_json(run_dir / "metrics.json")
+def _load_sweep(sweep_dir: Path, problems: list[Problem]) -> list[Run]:
+    """The sweep's jobs: those in its sweep.json (pending ones too) and the run dirs in it."""
+    record = _read_record(sweep_dir / SUMMARY_FILE, problems)
+    jobs = record.get("jobs", {})
+    by_dir = {Path(entry["dir"]).name: entry for entry in jobs.values() if "dir" in entry}
+    names = {p.name for p in sweep_dir.iterdir() if _is_run_dir(p)} | set(by_dir)
+    runs = [
+        _load_run(sweep_dir / name, by_dir.get(name, {}), problems)
+        for name in sorted(names, key=lambda n: (len(n), n))
+    ]
+    if record and sweep_status(record) == "died":
+        launcher = record.get("launcher", {})
+        problems.append(
+            Problem(
+                sweep_dir / SUMMARY_FILE,
+                f"the sweep's process (pid {launcher.get('pid')} on {launcher.get('host')}) "
+                f"died without recording its end; continue it with: {record.get('resume')}",
+                kind="died",
+            )
+        )
+        for run in runs:
+            if run.status == "running":  # its job was stopped with it (or is stopping)
+                run.status = "interrupted"
+    for run in runs:
+        if run.status in ("interrupted", "pending") and not run.resume:
+            run.resume = record.get("resume")  # continuing the sweep runs it
+    return runs
+
+
+def _load_run(run_dir: Path, job: dict[str, Any], problems: list[Problem]) -> Run:
+    """A run from its metrics.json, or from its sweep's entry where that cannot be read."""
+    record = _read_record(run_dir / "metrics.json", problems)
+    damaged = (run_dir / "metrics.json").is_file() and not record
+    source = record or job
     overrides = record.get("overrides") or job.get("overrides") or _hydra_overrides(run_dir)
-    status = record.get("status") or job.get("status") or "running"
+    status = record.get("status") or job.get("status") or ("unreadable" if damaged else "running")
     if job.get("status") == "failed":  # the launcher saw the process fail
         status = "failed"
     config = {}
     if (run_dir / ".hydra" / "config.yaml").is_file():
         from omegaconf import OmegaConf
 
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+        try:
+            config = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+        except Exception as e:  # any YAML or OmegaConf error: say so, keep the run
+            problems.append(Problem(run_dir / ".hydra" / "config.yaml", _first_line(e)))
+    resume = job.get("resume")
+    if status == "interrupted" and not resume and not job:  # a single run
+        again = [o for o in overrides if not o.startswith("resume=")]
+        resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
     return Run(
         dir=run_dir,
         overrides=list(overrides),
         status=status,
-        error=record.get("error") or job.get("error"),
-        metrics={k: v for k, v in record.items() if "/" in k and isinstance(v, (int, float))},
-        config=config,
+        error=source.get("error") or job.get("error"),
+        metrics={k: v for k, v in source.items() if "/" in k and isinstance(v, (int, float))},
+        config=config if isinstance(config, dict) else {},
+        resume=resume,
     )
 
 
@@ -111,14 +181,32 @@ def _hydra_overrides(run_dir: Path) -> list[str]:
         return []
     import yaml
 
-    return list(yaml.safe_load(path.read_text()) or [])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return [str(o) for o in yaml.safe_load(path.read_text()) or []]
+    except (OSError, yaml.YAMLError, TypeError):
+        return []
+
+
+def _read_record(path: Path, problems: list[Problem]) -> dict[str, Any]:
+    """A JSON record; {} where there is none, and {} with a Problem where it is damaged."""
+    if not path.is_file():
         return {}
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        problems.append(Problem(path, f"cannot be read: {e.strerror or e}"))
+        return {}
+    except ValueError as e:
+        problems.append(Problem(path, f"is not valid JSON, truncated or damaged ({e})"))
+        return {}
+    if not isinstance(data, dict):
+        problems.append(Problem(path, "does not hold a JSON object"))
+        return {}
+    return data
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
 
 
 def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
@@ -156,8 +244,11 @@ def fmt(value: tuple[float, float] | None, n: int) -> str:
     return f"{mean:.4f} +- {std:.4f}" if n > 1 else f"{mean:.4f}"
 
 
-def print_leaderboard(rows: list[dict[str, Any]], others: list[Run], metric: str) -> None:
+def print_leaderboard(
+    rows: list[dict[str, Any]], others: list[Run], metric: str, problems: list[Problem]
+) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     better = "lower" if lower_is_better(metric) else "higher"
@@ -171,16 +262,19 @@ def print_leaderboard(rows: list[dict[str, Any]], others: list[Run], metric: str
         table.add_column(name, justify="left" if name == "overrides" else "right")
     for i, row in enumerate(rows, 1):
         n = len(row["runs"])
-        table.add_row(str(i), row["overrides"], str(n), *(fmt(row.get(c), n) for c in columns))
+        table.add_row(
+            str(i), escape(row["overrides"]), str(n), *(fmt(row.get(c), n) for c in columns)
+        )
     console = Console(width=max(100, Console().width))
     console.print(table)
     for run in others:
-        detail = run.error or _progress(run)
-        console.print(
-            f"[bold]{run.status}[/bold]: {' '.join(run.overrides)} ({run.dir}) {detail}",
-            highlight=False,
-            markup=True,
-        )
+        detail = escape(f"{' '.join(run.overrides)} ({run.dir}) {run.error or _progress(run)}")
+        console.print(f"[bold]{run.status}[/bold]: {detail}", highlight=False)
+        if run.resume:  # on one line, to be copied whole
+            console.print(f"  continue with: {escape(run.resume)}", highlight=False, soft_wrap=True)
+    for problem in problems:
+        text = escape(f"{problem.path}: {problem.what}")
+        console.print(f"[bold]{problem.kind}[/bold]: {text}", highlight=False, soft_wrap=True)
 
 
 def _progress(run: Run) -> str:
@@ -239,7 +333,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, top: int) -> None:
 
 
 def write_html(
-    path: Path, rows: list[dict[str, Any]], others: list[Run], metric: str, images: list[Path]
+    path: Path,
+    rows: list[dict[str, Any]],
+    others: list[Run],
+    metric: str,
+    images: list[Path],
+    problems: list[Problem],
 ) -> None:
     """One page with everything inline (tables, and the PNGs as data URIs): easy to share."""
     columns = list(dict.fromkeys([metric, "test/acc", "val/loss"]))
@@ -253,8 +352,14 @@ def write_html(
     )
     not_finished = "".join(
         f"<li><b>{run.status}</b>: {html.escape(' '.join(run.overrides))} "
-        f"<code>{html.escape(str(run.dir))}</code> {html.escape(run.error or _progress(run))}</li>"
+        f"<code>{html.escape(str(run.dir))}</code> {html.escape(run.error or _progress(run))}"
+        + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
+        + "</li>"
         for run in others
+    )
+    cannot = "".join(
+        f"<li><b>{p.kind}</b>: <code>{html.escape(str(p.path))}</code>: {html.escape(p.what)}</li>"
+        for p in problems
     )
     pictures = "".join(
         f'<img alt="{p.stem}" src="data:image/png;base64,'
@@ -273,23 +378,24 @@ def write_html(
             else ""
         )
         + (f"<h2>Not finished</h2><ul>{not_finished}</ul>" if others else "")
+        + (f"<h2>Problems</h2><ul>{cannot}</ul>" if problems else "")
         + f"{pictures}</body></html>\n"
     )
 
 
 def compare(paths: list[Path], metric: str, out: Path, top: int = 5) -> dict[str, Any]:
     """Print the leaderboard and write lr_sweep.png, curves.png and report.html into `out`."""
-    runs = find_runs(paths)
+    runs, problems = find_runs(paths)
     rows = leaderboard(runs, metric)
     others = [r for r in runs if r.status != "finished"]
-    print_leaderboard(rows, others, metric)
+    print_leaderboard(rows, others, metric, problems)
     out.mkdir(parents=True, exist_ok=True)
     images = [out / "lr_sweep.png", out / "curves.png"]
     plot_lr(runs, metric, images[0])
     plot_curves(rows, images[1], top)
-    write_html(out / "report.html", rows, others, metric, images)
+    write_html(out / "report.html", rows, others, metric, images, problems)
     print(f"plots and report written to {out}")
-    return {"runs": runs, "rows": rows, "not_finished": others, "out": out}
+    return {"runs": runs, "rows": rows, "not_finished": others, "problems": problems, "out": out}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("dirs", nargs="+", type=Path, help="sweep or run directories")
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="run or sweep directories, or folders holding them"
+    )
     parser.add_argument("--metric", default="val/acc_best", help="sort by (default val/acc_best)")
     parser.add_argument("--out", type=Path, help="where to write (default <first dir>/compare)")
     parser.add_argument("--top", type=int, default=5, help="settings to draw learning curves of")

@@ -1,0 +1,188 @@
+"""Resuming: last.ckpt is the latest state whatever the metric did, damaged checkpoints stop a
+resume without touching the run, and a resume with another config is refused unless allowed.
+
+The best epoch is made early on purpose: `callbacks.checkpoint.mode=min` on val/acc keeps the
+worst epoch as "best", which is epoch 0 (accuracy only rises from there on the digits).
+"""
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import child_env, run_cli
+
+from trainlab.train import train
+
+STEPS_PER_EPOCH = 21  # 1293 training digits in batches of 64
+# The MLP on the digits, the best epoch first.
+RUN = ("logger=csv", "test=false", "callbacks.checkpoint.mode=min")
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def ckpt_names(run_dir: Path) -> set[str]:
+    return {p.name for p in (run_dir / "checkpoints").iterdir()}
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_last_checkpoint_is_the_last_step_after_an_early_best_epoch(compose, tmp_path):
+    record = train(compose(*RUN, "trainer.max_epochs=3"), tmp_path)
+    assert record["steps"] == 3 * STEPS_PER_EPOCH
+    last, best = load(tmp_path / "checkpoints" / "last.ckpt"), load(Path(record["best_ckpt"]))
+    assert (last["epoch"], last["global_step"]) == (2, 3 * STEPS_PER_EPOCH)
+    assert (best["epoch"], best["global_step"]) == (0, STEPS_PER_EPOCH)
+    assert ckpt_names(tmp_path) == {"best.ckpt", "last.ckpt"}
+
+
+def start(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainlab.train", *args, f"hydra.run.dir={run_dir}"],
+        cwd=run_dir.parent,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def kill_when(last: Path, proc: subprocess.Popen, done, timeout: float = 180) -> dict:
+    """SIGKILL the run once its last.ckpt satisfies done(ckpt); the checkpoint it left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never wrote the checkpoint waited for"
+        if last.is_file() and done(load(last)):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    return load(last)
+
+
+def kill_late_and_resume(tmp_path: Path, epochs: int, kill_at_epoch: int) -> None:
+    run = (*RUN, f"trainer.max_epochs={epochs}")
+    straight = tmp_path / "straight"
+    result = run_cli("trainlab.train", *run, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.ckpt"
+    kill_when(last, start(killed, *run), lambda ckpt: ckpt["epoch"] >= kill_at_epoch)
+    saved = load(last)  # read again: the kill may have come after one more save
+    assert saved["global_step"] == (saved["epoch"] + 1) * STEPS_PER_EPOCH
+    assert saved["global_step"] > load(killed / "checkpoints" / "best.ckpt")["global_step"]
+
+    result = run_cli("trainlab.train", *run, "resume=auto", f"hydra.run.dir={killed}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {last} (epoch {saved['epoch']}, step {saved['global_step']})" in (
+        result.stdout
+    )
+    resumed, reference = metrics(killed), metrics(straight)
+    assert resumed["resumed_from"] == str(last) and resumed["resume_changes"] is None
+    assert resumed["steps"] == reference["steps"] == epochs * STEPS_PER_EPOCH
+    for key in ("val/acc", "val/acc_best", "val/loss", "train/loss"):
+        assert resumed[key] == reference[key], key
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(last)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_killed_late_then_resumed_continues_from_its_last_step(tmp_path):
+    kill_late_and_resume(tmp_path, epochs=4, kill_at_epoch=1)
+
+
+@pytest.mark.slow
+def test_killed_late_in_a_20_epoch_run_then_resumed(tmp_path):
+    kill_late_and_resume(tmp_path, epochs=20, kill_at_epoch=15)
+
+
+def test_step_checkpoints_keep_one_last_checkpoint_at_the_latest_step(tmp_path):
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = start(run_dir, *RUN, "trainer.max_epochs=50", "checkpoint_every_n_steps=5")
+    steps = set()
+
+    def seen(ckpt: dict) -> bool:
+        steps.add(ckpt["global_step"])
+        return ckpt["global_step"] >= 2 * STEPS_PER_EPOCH + 5
+
+    ckpt = kill_when(last, proc, seen)
+    assert {p for p in ckpt_names(run_dir) if p.endswith(".ckpt")} == {"best.ckpt", "last.ckpt"}
+    assert ckpt["global_step"] >= max(steps)
+    # saved every 5 steps, and at the end of each epoch (after its validation)
+    assert all(s % 5 == 0 or s % STEPS_PER_EPOCH == 0 for s in steps), sorted(steps)
+    assert any(s % 5 == 0 and s % STEPS_PER_EPOCH for s in steps)  # mid-epoch saves seen
+
+
+def test_damaged_checkpoints_stop_the_resume_and_restart_keeps_the_history(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose(*RUN, "trainer.max_epochs=1"), run_dir)
+    last, best = run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "best.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])  # cut short
+    best.write_bytes(b"not a checkpoint" * 100)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    args = (*RUN, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    result = run_cli("trainlab.train", *args, "resume=auto", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr
+    assert f"{last} is damaged" in error and f"{best} is damaged" in error, error
+    assert "resume=restart" in error and "Traceback" not in error
+    assert "no checkpoint yet" not in result.stdout
+    for path, content in before.items():  # the run's history as it was
+        assert (run_dir / path).read_bytes() == content, path
+
+    result = run_cli("trainlab.train", *args, "resume=restart", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = run_dir / "previous-1"
+    for path, content in before.items():
+        assert (kept / path).read_bytes() == content, path
+    assert metrics(run_dir)["status"] == "finished" and metrics(run_dir)["steps"] == 21
+    assert load(last)["global_step"] == STEPS_PER_EPOCH
+
+
+def test_refused_pickle_is_named_without_torchs_advice(tmp_path):
+    bad = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "day": datetime.date(2020, 1, 1)}, bad)
+    result = run_cli("trainlab.eval", f"ckpt_path={bad}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"checkpoint {bad} is damaged" in result.stderr
+    assert "pickled Python object (datetime.date)" in result.stderr
+    assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_changed_lr_on_resume_is_refused_unless_allowed_then_applied(compose, tmp_path):
+    run_dir = tmp_path / "run"
+    train(compose(*RUN, "trainer.max_epochs=1"), run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    saved = last.read_bytes()
+
+    changed = (*RUN, "trainer.max_epochs=2", "optimizer.lr=0.01", "tags=[again]")
+    args = (*changed, "resume=auto", f"hydra.run.dir={run_dir}")
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "optimizer.lr: 0.001 -> 0.01" in result.stderr
+    assert "trainer.max_epochs: 1 -> 2" in result.stderr and "resume_allow_changes" in result.stderr
+    assert "tags" not in result.stderr  # bookkeeping, not a change of the run
+    assert last.read_bytes() == saved
+
+    record = train(compose(*changed, "resume=auto", "resume_allow_changes=true"), run_dir)
+    assert record["resume_changes"] == {
+        "optimizer.lr": [0.001, 0.01],
+        "trainer.max_epochs": [1, 2],
+    }
+    assert metrics(run_dir)["resume_changes"] == record["resume_changes"]
+    ckpt = load(last)
+    assert ckpt["trainlab"]["config"]["optimizer"]["lr"] == 0.01
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == pytest.approx(0.01)  # the run went on with the new rate
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [pytest.approx(0.01)]

@@ -350,13 +350,17 @@ def write_html(
         + "</tr>"
         for i, r in enumerate(rows, 1)
     )
-    not_finished = "".join(
-        f"<li><b>{run.status}</b>: {html.escape(' '.join(run.overrides))} "
-        f"<code>{html.escape(str(run.dir))}</code> {html.escape(run.error or _progress(run))}"
-        + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
-        + "</li>"
-        for run in others
-    )
+
+    def item(run: Run) -> str:
+        return (
+            f"<li><b>{run.status}</b>: {html.escape(' '.join(run.overrides))} "
+            f"<code>{html.escape(str(run.dir))}</code> {html.escape(run.error or _progress(run))}"
+            + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
+            + "</li>"
+        )
+
+    pruned = "".join(item(run) for run in others if run.status == "pruned")
+    not_finished = "".join(item(run) for run in others if run.status != "pruned")
     cannot = "".join(
         f"<li><b>{p.kind}</b>: <code>{html.escape(str(p.path))}</code>: {html.escape(p.what)}</li>"
         for p in problems
@@ -377,7 +381,8 @@ def write_html(
             if rows and rows[0]["shared"]
             else ""
         )
-        + (f"<h2>Not finished</h2><ul>{not_finished}</ul>" if others else "")
+        + (f"<h2>Pruned (stopped early by the sweep)</h2><ul>{pruned}</ul>" if pruned else "")
+        + (f"<h2>Not finished</h2><ul>{not_finished}</ul>" if not_finished else "")
         + (f"<h2>Problems</h2><ul>{cannot}</ul>" if problems else "")
         + f"{pictures}</body></html>\n"
     )
@@ -387,7 +392,8 @@ def compare(paths: list[Path], metric: str, out: Path, top: int = 5) -> dict[str
     """Print the leaderboard and write lr_sweep.png, curves.png and report.html into `out`."""
     runs, problems = find_runs(paths)
     rows = leaderboard(runs, metric)
-    others = [r for r in runs if r.status != "finished"]
+    pruned = [r for r in runs if r.status == "pruned"]  # by an Optuna sweep: listed apart
+    others = pruned + [r for r in runs if r.status not in ("finished", "pruned")]
     print_leaderboard(rows, others, metric, problems)
     out.mkdir(parents=True, exist_ok=True)
     images = [out / "lr_sweep.png", out / "curves.png"]
@@ -395,7 +401,15 @@ def compare(paths: list[Path], metric: str, out: Path, top: int = 5) -> dict[str
     plot_curves(rows, images[1], top)
     write_html(out / "report.html", rows, others, metric, images, problems)
     print(f"plots and report written to {out}")
-    return {"runs": runs, "rows": rows, "not_finished": others, "problems": problems, "out": out}
+    not_finished = others[len(pruned) :]
+    return {
+        "runs": runs,
+        "rows": rows,
+        "pruned": pruned,
+        "not_finished": not_finished,
+        "problems": problems,
+        "out": out,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -422,6 +422,9 @@ HYDRA_KEYS = (
     "hydra.sweeper.storage",
     "hydra.sweeper.pruner",
     "hydra.sweeper.pruner_args.*",
+    "hydra.sweeper.storage",
+    "hydra.sweeper.pruner",
+    "hydra.sweeper.pruner_args.*",
     "hydra.sweeper.params.*",  # a search space: its values are checked like the command line's
     "hydra/launcher",
     "hydra/sweeper",
@@ -452,12 +455,22 @@ def _refuse_other_configs(args: Any) -> None:
 
 def check_hydra_override(o: Any) -> None:
     """A hydra.* override must set one of HYDRA_KEYS to a plain value."""
+    key = o.key_or_group
+    _check_hydra_key(key, f"'{o.input_line}'", deleted=o.is_delete())
+    if key.startswith("hydra.sweeper.params."):
+        value = o.value() if isinstance(o.value(), str) else o.input_line.split("=", 1)[1]
+        check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, o.input_line)
+        return
+    for value in _values(o):
+        check_sweep_value(key, value, f"'{o.input_line}'")
+
+
+def _check_hydra_key(key: str, source: str, deleted: bool = False) -> None:
     import fnmatch
 
-    key = o.key_or_group
-    if o.is_delete() or not any(fnmatch.fnmatchcase(key, k) for k in HYDRA_KEYS):
+    if deleted or not any(fnmatch.fnmatchcase(key, k) for k in HYDRA_KEYS):
         raise UserError(
-            f"'{o.input_line}' is refused: of Hydra's own settings, the command line may set "
+            f"{source} is refused: of Hydra's own settings, a command line or a sweep may set "
             "only the run and sweep directories (hydra.run.dir, hydra.sweep.dir, "
             "hydra.sweep.subdir), hydra.verbose, the plain settings of the launcher and the "
             "sweeper (e.g. hydra.launcher.n_jobs, hydra.sweeper.n_trials), a search space "
@@ -465,17 +478,38 @@ def check_hydra_override(o: Any) -> None:
             "hydra/job_logging and hydra/hydra_logging. The others build code, set environment "
             "variables or run commands: change them in conf/hydra/ instead."
         )
-    if key.startswith("hydra.sweeper.params."):
-        value = o.value() if isinstance(o.value(), str) else o.get_value_element_as_str()
-        check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, o.input_line)
-        return
-    for value in _values(o):
-        plain = value is None or isinstance(value, (str, int, float, bool))
-        if not plain or (isinstance(value, str) and _makes_nodes(value)):
+
+
+def check_sweep_value(key: str, value: Any, source: str) -> None:
+    """One value that a command line or a sweep gives `key`: no code that no config file
+    names, no text that turns into nodes, a plain value for hydra.*, and RULES."""
+    if key.startswith(("hydra.", "hydra/")):
+        _check_hydra_key(key, source)
+        if not (value is None or isinstance(value, (str, int, float, bool))):
             raise UserError(
-                f"'{o.input_line}' is refused: {key} takes a plain value (a number, a word or "
-                f"a path), not {value!r}."
+                f"{source} is refused: {key} takes a plain value (a number, a word or a "
+                f"path), not {value!r}."
             )
+    _refuse_unknown_targets(value, source, key)
+    for text in _strings(value):
+        if _makes_nodes(text):
+            raise UserError(
+                f"{source} gives {key} the text {text!r}, which turns into config nodes only "
+                "when resolved, out of reach of the checks: write the value out instead."
+            )
+    if not (CONF_DIR / key).is_dir():  # a group's options are files in conf/
+        check_value(key, value, source)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
 
 
 def check_sweep_params(params: Any, source: str) -> None:
@@ -495,15 +529,10 @@ def check_sweep_params(params: Any, source: str) -> None:
                 f"the search space of {source} cannot be read at '{text}': "
                 f"{str(e).splitlines()[0]}."
             ) from None
-        if o.key_or_group.startswith(("hydra.", "hydra/")):
-            check_hydra_override(o)
         value = o.value()
         values = [value.start, value.end] if isinstance(value, IntervalSweep) else _values(o)
         for v in values:
-            _refuse_unknown_targets(v, f"'{text}' in {source}", o.key_or_group)
-            if (CONF_DIR / o.key_or_group).is_dir():
-                continue  # a group's options are files in conf/
-            check_value(o.key_or_group, v, f"'{text}' in {source}")
+            check_sweep_value(o.key_or_group, v, f"'{text}' in {source}")
 
 
 def known_targets() -> set[str]:
@@ -621,7 +650,7 @@ def _check_whole_config(config_name: str, groups: list[str], overrides: list[Any
     full = compose(config_name, lines, hydra=True)
     found = _unknown_target(_plain(full), known_targets())
     if found:
-        path, target = found
+        path = found[0]
         culprit = next((o.input_line for o in overrides if path.startswith(o.key_or_group)), None)
         raise _target_error(f"'{culprit}'" if culprit else "the command line's config", *found)
     check_targets(full, "the command line")
@@ -629,9 +658,4 @@ def _check_whole_config(config_name: str, groups: list[str], overrides: list[Any
     for o in overrides:
         if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
             for value in _values(o):
-                _refuse_unknown_targets(value, f"'{o.input_line}'", o.key_or_group)
-                if isinstance(value, str) and _makes_nodes(value):
-                    raise UserError(
-                        f"'{o.input_line}' sweeps over {value!r}, which makes config nodes "
-                        "from text: write the value out."
-                    )
+                check_sweep_value(o.key_or_group, value, f"'{o.input_line}'")

@@ -327,6 +327,9 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
         IntDistribution,
     )
 
+    from trainlab.config import check_sweep_params
+
+    check_sweep_params(params, "the Optuna search space (hydra.sweeper.params)")
     parser = OverridesParser.create()
     space = {}
     for key, expression in params.items():

@@ -41,7 +41,7 @@ from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
 from trainlab.commands import override
-from trainlab.errors import UserError
+from trainlab.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,10 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
+        with exit_on_user_error():  # here, as Hydra would print it as a crash
+            self._sweep(arguments)
+
+    def _sweep(self, arguments: list[str]) -> None:
         import optuna
 
         assert self.config is not None
@@ -143,6 +147,7 @@ class OptunaSweeper(Sweeper):
 
     def _open_study(self, storage: str) -> Any:
         import optuna
+        from sqlalchemy.exc import SQLAlchemyError
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -156,7 +161,7 @@ class OptunaSweeper(Sweeper):
                 pruner=make_pruner(self.pruner, self.pruner_args),
                 load_if_exists=True,
             )
-        except (ImportError, OSError, ValueError) as e:  # a missing driver, a bad URL or path
+        except (ImportError, OSError, ValueError, SQLAlchemyError) as e:  # driver, URL, server
             raise UserError(
                 f"hydra.sweeper.storage={storage} could not be opened ({type(e).__name__}: "
                 f"{e}). Give a database URL whose driver is installed (postgresql://user@host/"

@@ -1,0 +1,150 @@
+"""Optuna sweeps: trials that start as soon as a slot frees, pruning, and one study shared by
+several sweep commands through a journal file."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import child_env, run_cli
+
+from hydra_plugins.trainlab_sweeps.optuna_sweeper import STORAGE_FILE, storage_url
+from trainlab.compare import compare
+
+SEARCH = ("hparams_search=optuna_lr_batch", "logger=csv", "test=false")
+
+
+def load_study(name: str, storage: str):
+    import optuna
+
+    from hydra_plugins.trainlab_sweeps.optuna_sweeper import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def test_storage_is_a_url_or_a_journal_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep dir"
+    assert storage_url(None, sweep) == f"sqlite:///{sweep / STORAGE_FILE}"
+    assert storage_url("postgresql://me@db/studies", sweep) == "postgresql://me@db/studies"
+    # A path (no "://") is a journal file, made absolute for trials and other machines.
+    assert storage_url("shared/study.log", sweep) == str(tmp_path / "shared" / "study.log")
+
+
+def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
+    # val/acc_best is never above 1.01: the threshold pruner stops the trial after epoch 0.
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        *SEARCH,
+        "debug=limit",
+        "trainer.max_epochs=3",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.study_name=pruned",
+        "hydra.sweeper.pruner=threshold",
+        "+hydra.sweeper.pruner_args.lower=1.01",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "logs" / "train" / "optuna" / "pruned"
+    job = sweep / "0"
+    record = json.loads((job / "metrics.json").read_text())
+    assert record["status"] == "pruned" and "error" not in record
+    assert record["epochs"] == 1 < 3  # stopped after its first epoch of three
+    validated = {row.split(",")[0] for row in (job / "metrics.csv").read_text().splitlines()[1:]}
+    assert validated <= {"", "0"}  # curves kept, for epoch 0 alone
+    assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "checkpoints").glob("*.ckpt")
+    assert "Trial 0 pruned after epoch 0" in (job / "console.log").read_text()
+
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert summary["jobs"]["0"]["status"] == "pruned" and summary["failed"] == 0
+    (trial,) = load_study("pruned", f"sqlite:///{sweep / STORAGE_FILE}").trials
+    assert trial.state.name == "PRUNED"
+    assert trial.intermediate_values == {0: pytest.approx(record["val/acc_best"])}
+
+    out = compare([sweep], "val/acc_best", tmp_path / "cmp")
+    assert [r.dir for r in out["pruned"]] == [job] and not out["not_finished"]
+    assert "<h2>Pruned" in (tmp_path / "cmp" / "report.html").read_text()
+
+
+def test_a_wrong_pruner_or_storage_is_one_paragraph(tmp_path):
+    result = run_cli("trainlab.train", "-m", *SEARCH, "hydra.sweeper.pruner=medain", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "hydra.sweeper.pruner=medain is not a pruner: choose one of none, median" in (
+        result.stderr
+    )
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        *SEARCH,
+        "hydra.sweeper.storage=postgresql://me@localhost:1/studies",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not be opened" in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+def test_a_free_slot_takes_the_next_trial_before_the_slow_one_ends(tmp_path):
+    # With seed 0 the sampler asks for 10 epochs, then 1, then 10: the short trial's slot
+    # takes trial 2 while trial 0 still trains (in lock-step batches it would wait for it).
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        *SEARCH,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.study_name=overlap",
+        "hydra.sweeper.params.trainer.max_epochs=choice(10, 1)",
+        "hydra.sweeper.params.data.batch_size=choice(64)",
+        "hydra.launcher.n_jobs=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "logs" / "train" / "optuna" / "overlap"
+    slow, fast, third = load_study("overlap", f"sqlite:///{sweep / STORAGE_FILE}").trials
+    assert (slow.params["trainer.max_epochs"], fast.params["trainer.max_epochs"]) == (10, 1)
+    assert fast.datetime_complete < slow.datetime_complete
+    assert (slow.datetime_complete - third.datetime_start).total_seconds() > 3
+    for trial in (slow, fast, third):
+        assert trial.state.name == "COMPLETE"
+        record = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert record["epochs"] == trial.params["trainer.max_epochs"]
+
+
+@pytest.mark.slow
+def test_two_sweeps_share_one_study_in_a_journal_file(tmp_path):
+    journal = tmp_path / "shared fs" / "study.log"
+    command = [
+        sys.executable,
+        "-m",
+        "trainlab.train",
+        "-m",
+        *SEARCH,
+        "debug=limit",
+        "trainer.max_epochs=1",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.study_name=shared",
+        f"hydra.sweeper.storage={journal}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    sweeps = [
+        subprocess.Popen(command, cwd=tmp_path, env=child_env(), stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for sweep in sweeps:
+        assert sweep.wait(timeout=600) == 0, sweep.stderr.read()[-3000:]
+
+    trials = load_study("shared", str(journal)).trials
+    ran = [t for t in trials if "skipped" not in t.user_attrs]
+    assert len(ran) == 6 and all(t.state.name == "COMPLETE" for t in ran)
+    assert len({t.number for t in ran}) == 6
+    assert len({t.user_attrs["owner"] for t in ran}) == 2  # both sweeps ran trials
+    # a trial asked for by both at the last moment is told apart, never run
+    assert all(t.state.name == "FAIL" for t in trials if t not in ran)
+    for trial in ran:
+        record = json.loads((tmp_path / "sweep" / str(trial.number) / "metrics.json").read_text())
+        assert record["status"] == "finished"
+        assert record["val/acc_best"] == pytest.approx(trial.value)
+        assert f"data.batch_size={trial.params['data.batch_size']}" in record["overrides"]
+    assert len(list((tmp_path / "sweep").glob("[0-9]*"))) == 6

@@ -8,7 +8,7 @@ and option, so it can say what was expected and suggest the likely spelling.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -309,10 +309,23 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
 
 
 def _values(override: Any) -> list[Any]:
-    """The value of an override, or every value of a sweep (`a=1,2,3`)."""
+    """The value of an override, or every value of a sweep (`a=1,2,3`), as a job gets it."""
     if override.is_sweep_override():
-        return list(override.sweep_iterator())
+        return [_unquoted(v) for v in override.sweep_iterator()]
     return [override.value()]
+
+
+def _unquoted(value: Any) -> Any:
+    """A sweep's element with its quoted strings as the text they hold."""
+    from hydra.core.override_parser.types import QuotedString
+
+    if isinstance(value, QuotedString):
+        return value.text
+    if isinstance(value, dict):
+        return {k: _unquoted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unquoted(v) for v in value]
+    return value
 
 
 def _check_group_option(o: Any) -> None:
@@ -521,6 +534,9 @@ def check_sweep_params(params: Any, source: str) -> None:
 
     parser = OverridesParser.create()
     for key, expression in (params or {}).items():
+        if isinstance(expression, Mapping):  # `hydra.sweeper.params.a.b=...` nests: a.b
+            check_sweep_params({f"{key}.{k}": v for k, v in expression.items()}, source)
+            continue
         text = f"{key}={expression}"
         try:
             o = parser.parse_override(text)

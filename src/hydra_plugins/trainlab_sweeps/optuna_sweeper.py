@@ -31,6 +31,7 @@ import socket
 import threading
 import warnings
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class OptunaSweeper(Sweeper):
         pruner: str = "none",
         pruner_args: dict[str, Any] | None = None,
     ) -> None:
-        self.params = dict(params or {})
+        self.params = _flat(params or {})
         self.n_trials = n_trials
         self.metric = metric
         self.direction = direction
@@ -372,6 +373,18 @@ def _fixed_arguments(arguments: list[str]) -> list[str]:
 def _param(key: str, value: Any) -> str:
     # Numbers bare (quoted, Hydra would read them as strings), strings quoted.
     return override(key, value) if isinstance(value, str) else f"{key}={value}"
+
+
+def _flat(params: Any, prefix: str = "") -> dict[str, str]:
+    """Search-space keys as dotted paths: `hydra.sweeper.params.trainer.max_epochs=...` on a
+    command line nests trainer: {max_epochs: ...} under params."""
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _plain(args: Any) -> dict[str, Any]:

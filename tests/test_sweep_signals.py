@@ -1,0 +1,228 @@
+"""Sweeps stopped by a signal, or by the death of their own process, then picked up again.
+
+Real processes and real signals throughout, on 4-job grids over trainer.max_epochs run two
+jobs at a time, so that the moment of the signal is certain whatever the machine's load:
+with `2,3,40,41`, #0 and #1 have finished once #2 and #3 have saved a checkpoint; with
+`40,41,42,43`, #2 and #3 have not started when #0 and #1 have.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import child_env
+
+from hydra_plugins.trainlab_sweeps.process_launcher import sweep_status
+from trainlab.commands import override
+from trainlab.compare import compare
+
+TWO_DONE = "trainer.max_epochs=2,3,40,41"
+NONE_DONE = "trainer.max_epochs=40,41,42,43"
+SWEEP = (
+    "-m",
+    "debug=limit",
+    "logger=csv",
+    "test=false",
+    "hydra.launcher.n_jobs=2",
+)
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """The sweep as a terminal starts it: a process group of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainlab.train", *args],
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def sweep_of(cwd: Path) -> Path:
+    (sweep,) = (cwd / "logs" / "train" / "sweeps").iterdir()
+    return sweep
+
+
+def wait_for_checkpoints(cwd: Path, proc: subprocess.Popen, *nums: int) -> Path:
+    """Wait until jobs `nums` of the sweep have each saved a checkpoint; the sweep's dir."""
+    deadline = time.monotonic() + 180
+    sweeps = cwd / "logs" / "train" / "sweeps"
+    while True:
+        found = [p for n in nums for p in sweeps.glob(f"*/{n}/checkpoints/last.ckpt")]
+        if len(found) == len(nums):
+            return found[0].parents[2]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the sweep did not get that far: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+
+
+def processes_in(cwd: Path) -> list[psutil.Process]:
+    """Live processes working in `cwd` (the sweep and its jobs, whatever their group)."""
+    alive = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()) == cwd:
+                alive.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return alive
+
+
+def none_left_in(cwd: Path, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while processes_in(cwd):
+        if time.monotonic() > deadline:
+            left = [" ".join(p.cmdline()[-3:]) for p in processes_in(cwd)]
+            for proc in processes_in(cwd):
+                proc.kill()
+            pytest.fail(f"processes still running {within} s later: {left}")
+        time.sleep(0.2)
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "metrics.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def jobs(sweep: Path) -> dict[str, dict]:
+    return json.loads((sweep / "sweep.json").read_text())["jobs"]
+
+
+def resume(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """The same command again, with resume=auto."""
+    return subprocess.run(
+        [sys.executable, "-m", "trainlab.train", *args, "resume=auto"],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_all_finished(sweep: Path, resumed: set[str]) -> None:
+    record = json.loads((sweep / "sweep.json").read_text())
+    assert record["status"] == "finished"
+    assert {job["status"] for job in record["jobs"].values()} == {"finished"}
+    for num, job in record["jobs"].items():
+        metrics = json.loads((sweep / num / "metrics.json").read_text())
+        epochs = next(int(o.split("=")[1]) for o in job["overrides"] if "max_epochs" in o)
+        assert metrics["status"] == "finished" and metrics["epochs"] == epochs
+        # an interrupted job continued from its checkpoint, in its own directory
+        assert bool(metrics["resumed_from"]) == (num in resumed), num
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [
+        pytest.param(signal.SIGINT, True, id="ctrl-c"),
+        pytest.param(signal.SIGTERM, False, id="sigterm-to-parent", marks=pytest.mark.slow),
+    ],
+)
+def test_stopped_sweep_records_every_job_and_resume_finishes_it(tmp_path, signum, to_group):
+    command = (*SWEEP, TWO_DONE)
+    proc = start(tmp_path, *command)
+    sweep = wait_for_checkpoints(tmp_path, proc, 2, 3)
+    done = {n: sweep / n / "metrics.json" for n in ("0", "1")}
+    before = {n: (path.read_text(), path.stat().st_mtime_ns) for n, path in done.items()}
+    if to_group:
+        os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal does
+    else:
+        proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    none_left_in(tmp_path)
+
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    name = signal.Signals(signum).name
+    assert (
+        f"stopped by {name}: of its 4 jobs, 2 finished, 2 were interrupted (each saved a "
+        "checkpoint) and 0 had not started" in stderr
+    )
+    again = stderr.split("Continue the sweep with: ")[1].split(" (finished jobs")[0]
+    assert shlex.split(again)[:3] == ["python", "-m", "trainlab.train"]
+    assert shlex.split(again)[-1] == "resume=auto"
+
+    record = json.loads((sweep / "sweep.json").read_text())
+    assert record["status"] == "interrupted" and sweep_status(record) == "interrupted"
+    statuses = {num: job["status"] for num, job in record["jobs"].items()}
+    assert statuses == {"0": "finished", "1": "finished", "2": "interrupted", "3": "interrupted"}
+    for num in ("2", "3"):
+        job = record["jobs"][num]
+        assert _status(sweep / num) == "interrupted"
+        assert (sweep / num / "checkpoints" / "last.ckpt").is_file()
+        # the job's own output reached its console.log, to its last line
+        assert f"stopped by {name}" in (sweep / num / "console.log").read_text()
+        run_dir = override("hydra.run.dir", job["dir"])
+        assert shlex.split(job["resume"])[-2:] == ["resume=auto", run_dir]
+
+    # The same command with resume=auto continues that sweep, in its directory.
+    result = resume(tmp_path, *command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"continuing the sweep in {sweep.relative_to(tmp_path)}" in result.stdout
+    assert sweep_of(tmp_path) == sweep  # no new sweep dir
+    assert_all_finished(sweep, resumed={"2", "3"})
+    # the finished jobs were not run again
+    assert {n: (p.read_text(), p.stat().st_mtime_ns) for n, p in done.items()} == before
+
+
+@pytest.mark.parametrize("then_resume", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_killed_sweep_takes_its_jobs_with_it(tmp_path, then_resume):
+    command = (*SWEEP, NONE_DONE)
+    proc = start(tmp_path, *command)
+    sweep = wait_for_checkpoints(tmp_path, proc, 0, 1)
+    proc.kill()  # SIGKILL to the sweep's process alone: nothing runs there any more
+    proc.communicate(timeout=30)
+    none_left_in(tmp_path)
+
+    # Its jobs were told (SIGTERM from the kernel) and stopped as a signalled run does.
+    for num in ("0", "1"):
+        assert _status(sweep / num) == "interrupted"
+        assert "stopped by SIGTERM" in (sweep / num / "console.log").read_text()
+    # sweep.json was left saying "running"; a reader can tell that the sweep died.
+    record = json.loads((sweep / "sweep.json").read_text())
+    assert record["status"] == "running" and sweep_status(record) == "died"
+    assert [job["status"] for job in record["jobs"].values()] == ["running"] * 2 + ["pending"] * 2
+    result = compare([tmp_path / "logs"], "val/acc_best", tmp_path / "compare")
+    assert [p.kind for p in result["problems"]] == ["died"]
+    waiting = {r.dir.name: r for r in result["not_finished"]}
+    assert {n: r.status for n, r in waiting.items()} == {
+        "0": "interrupted",
+        "1": "interrupted",
+        "2": "pending",
+        "3": "pending",
+    }
+    assert all(shlex.split(r.resume)[-1] == "resume=auto" for r in waiting.values())
+
+    if then_resume:
+        result = resume(tmp_path, *command)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert sweep_of(tmp_path) == sweep
+        assert_all_finished(sweep, resumed={"0", "1"})
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once(tmp_path):
+    proc = start(tmp_path, *SWEEP, NONE_DONE)
+    sweep = wait_for_checkpoints(tmp_path, proc, 0, 1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    none_left_in(tmp_path, within=5)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert "killing every job now" in stderr
+    statuses = [job["status"] for job in jobs(sweep).values()]
+    assert statuses == ["interrupted"] * 2 + ["pending"] * 2

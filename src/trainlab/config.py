@@ -412,6 +412,7 @@ HYDRA_KEYS = (
     "hydra.sweep.dir",
     "hydra.sweep.subdir",
     "hydra.output_subdir",
+    "hydra.job.name",  # with output_subdir, set by Lightning's DDP launcher for its children
     "hydra.verbose",
     "hydra.job.chdir",
     "hydra.mode",

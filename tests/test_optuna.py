@@ -126,11 +126,16 @@ def test_two_sweeps_share_one_study_in_a_journal_file(tmp_path):
         "hydra.sweeper.n_trials=6",
         "hydra.sweeper.study_name=shared",
         f"hydra.sweeper.storage={journal}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    sweeps = [
-        subprocess.Popen(command, cwd=tmp_path, env=child_env(), stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
+    sweeps = [  # as on two machines: each its own sweep dir, the journal on a shared disk
+        subprocess.Popen(
+            [*command, f"hydra.sweep.dir={tmp_path / name}"],
+            cwd=tmp_path,
+            env=child_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
     ]
     for sweep in sweeps:
         assert sweep.wait(timeout=600) == 0, sweep.stderr.read()[-3000:]
@@ -142,9 +147,11 @@ def test_two_sweeps_share_one_study_in_a_journal_file(tmp_path):
     assert len({t.user_attrs["owner"] for t in ran}) == 2  # both sweeps ran trials
     # a trial asked for by both at the last moment is told apart, never run
     assert all(t.state.name == "FAIL" for t in trials if t not in ran)
+    dirs = sorted((p.name for p in tmp_path.glob("[ab]/[0-9]*")), key=int)
+    assert dirs == [str(t.number) for t in ran]  # each trial ran once, in one of the two
     for trial in ran:
-        record = json.loads((tmp_path / "sweep" / str(trial.number) / "metrics.json").read_text())
+        (job,) = tmp_path.glob(f"[ab]/{trial.number}")
+        record = json.loads((job / "metrics.json").read_text())
         assert record["status"] == "finished"
         assert record["val/acc_best"] == pytest.approx(trial.value)
         assert f"data.batch_size={trial.params['data.batch_size']}" in record["overrides"]
-    assert len(list((tmp_path / "sweep").glob("[0-9]*"))) == 6

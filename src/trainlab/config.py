@@ -348,7 +348,7 @@ def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Any:
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
             return compose(config_name, overrides=overrides, return_hydra_config=hydra)
-    except HydraException as e:
+    except (HydraException, AssertionError) as e:  # OmegaConf asserts on some bad updates
         raise UserError(f"the configs do not compose: {e}") from None
 
 

@@ -9,15 +9,24 @@ import time
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.profilers import Profiler
 
+# Both displays' key in checkpoints: a run resumed in a terminal from one that wrote to a file
+# (or the other way round) then finds the display's state where it expects it, without a warning.
+PROGRESS_STATE_KEY = "progress_bar"
+
 
 class EpochLines(ProgressBar):
     """One line per epoch with its metrics and time: a progress display for log files,
-    where a live bar's redraws turn into noise."""
+    where a live bar's redraws turn into noise.
+
+    The time is the epoch's training time: a checkpoint keeps what the epoch had taken so far,
+    and an epoch resumed part-way adds to it, leaving out the time the run was not running.
+    """
 
     def __init__(self):
         super().__init__()
         self._enabled = True
-        self._epoch_start = 0.0
+        self._epoch_start = time.perf_counter()
+        self._restored_s = 0.0  # of the epoch, before the resumption
 
     def disable(self) -> None:
         self._enabled = False
@@ -29,8 +38,21 @@ class EpochLines(ProgressBar):
     def is_enabled(self) -> bool:
         return self._enabled
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter() - self._restored_s
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_start = time.perf_counter()
+
+    @property
+    def state_key(self) -> str:
+        return PROGRESS_STATE_KEY
+
+    def state_dict(self) -> dict:
+        return {"epoch_s": time.perf_counter() - self._epoch_start}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._restored_s = state_dict.get("epoch_s", 0.0)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if not self._enabled:
@@ -59,6 +81,10 @@ class LiveBar(RichProgressBar):
         super().__init__(**kwargs)
         self.interval = interval
         self._drawn = -math.inf  # the first batch draws, however recently the clock started
+
+    @property
+    def state_key(self) -> str:
+        return PROGRESS_STATE_KEY
 
     def _due(self, batch_idx: int, total: float) -> bool:
         now = time.monotonic()

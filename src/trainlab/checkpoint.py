@@ -56,6 +56,13 @@ class CheckpointRecord(pl.Callback):
         if trainer.world_size > 1 and seed is not None and not self._restored:
             pl.seed_everything(seed + trainer.global_rank, workers=True, verbose=False)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The training loader's position in its epoch (data/memory.py, data/resumable.py): a
+        # schedule that asks for the run's length (estimated_stepping_batches) makes Lightning
+        # set up the training data before it restores the loops, and it then never hands the
+        # loader its saved state. Handed here, before the first batch is drawn.
+        trainer.fit_loop._load_combined_loader_states()
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:  # the metric history up to here is on disk too
             logger.save()

@@ -27,6 +27,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from trainlab.epoch_sums import EpochSums
 from trainlab.errors import UserError
 from trainlab.loggers import log_image
 from trainlab.schedulers import with_schedule
@@ -34,13 +35,15 @@ from trainlab.schedulers import with_schedule
 CONFUSION = "confusion_matrix"
 
 
-class Classifier(pl.LightningModule):
+class Classifier(EpochSums, pl.LightningModule):
     """Cross-entropy training of `net`, with accuracy and macro precision/recall/F1 on val and test,
     and their confusion matrices as images (run directory and image-taking loggers).
 
     `optimizer` and `scheduler` are factories (Hydra partials): the optimizer takes the
     parameters, the scheduler the optimizer and the run's total number of steps.
     """
+
+    SUMS = ("_loss_sum", "_correct", "_samples")  # kept in checkpoints (EpochSums)
 
     def __init__(
         self,
@@ -166,7 +169,10 @@ class Classifier(pl.LightningModule):
         self._means_logged = True
 
     def on_train_start(self) -> None:
-        self._reset_train_sums()  # also here: a run resumed mid-epoch starts no epoch
+        # A run resumed mid-epoch starts no epoch: it continues the checkpoint's sums.
+        if not self.restore_sums():
+            self._reset_train_sums()
+        self._means_logged = False  # logged again at the end of a resumed epoch
 
     def on_train_end(self) -> None:
         # The latest validation's matrix is drawn once, at the end: a figure of 10 classes takes

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
+from trainlab.epoch_sums import EpochSums
 from trainlab.errors import UserError
 from trainlab.loggers import log_image
 from trainlab.schedulers import total_steps
@@ -20,7 +21,7 @@ from trainlab.schedulers import total_steps
 MEANS = ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake")
 
 
-class GAN(pl.LightningModule):
+class GAN(EpochSums, pl.LightningModule):
     """Non-saturating GAN training of `generator` against `discriminator`, one step of each per
     batch. Real images are mapped onto the generator's tanh range, [-1, 1], before the
     discriminator sees them.
@@ -30,6 +31,8 @@ class GAN(pl.LightningModule):
     train/d_loss, train/g_loss, and the discriminator's mean probability of "real" on real
     images (train/d_real, D(x)) and on generated ones before its step (train/d_fake, D(G(z))).
     """
+
+    SUMS = ("_sums", "_samples")  # kept in checkpoints (EpochSums)
 
     def __init__(
         self,
@@ -65,7 +68,10 @@ class GAN(pl.LightningModule):
         return self.generator(z)
 
     def on_train_start(self) -> None:
-        self._reset_sums()
+        # A run resumed mid-epoch starts no epoch: it continues the checkpoint's sums.
+        if not self.restore_sums():
+            self._reset_sums()
+        self._means_logged = False  # logged again at the end of a resumed epoch
         # The data modules hand out (x - mean) / std of images on the 0..1 scale; the generator
         # draws in [-1, 1]. So real batches become 2 (x std + mean) - 1 = x (2 std) + (2 mean - 1),
         # one multiply-add with constants made here, on the training device.

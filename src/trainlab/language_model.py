@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
+from trainlab.epoch_sums import EpochSums
 from trainlab.errors import UserError
 from trainlab.schedulers import with_schedule
 
@@ -22,13 +23,15 @@ SAMPLE_FILE = "samples.txt"
 SAMPLE = {"prompt": "\n", "length": 500, "temperature": 0.8, "top_k": None}
 
 
-class LanguageModel(pl.LightningModule):
+class LanguageModel(EpochSums, pl.LightningModule):
     """Cross-entropy of each next byte; val and test report it also in bits per byte (`bpc`).
 
     `optimizer` and `scheduler` are factories (Hydra partials), as for the Classifier. `sample`
     sets the text generated at the end of training (keys of SAMPLE; length 0: none), written to
     <run dir>/samples.txt, printed, and logged to TensorBoard and W&B when they are loggers.
     """
+
+    SUMS = ("_loss_sum", "_batches")  # kept in checkpoints (EpochSums)
 
     def __init__(
         self,
@@ -68,7 +71,10 @@ class LanguageModel(pl.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
-        self._reset_train_sum()  # also here: a run resumed mid-epoch starts no epoch
+        # A run resumed mid-epoch starts no epoch: it continues the checkpoint's sum.
+        if not self.restore_sums():
+            self._reset_train_sum()
+        self._means_logged = False  # logged again at the end of a resumed epoch
 
     def on_train_epoch_start(self) -> None:
         self._reset_train_sum()

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainlab.data.augment import crop_flip, per_sample_crop_flip
 from trainlab.data.memory import MemoryLoader
+from trainlab.data.resumable import ResumableDataLoader
 from trainlab.errors import UserError
 
 # The validation split is carved from the training split with this fixed seed, so that every
@@ -175,13 +176,21 @@ class InMemoryDataModule(pl.LightningDataModule):
         if per_sample_work:
             dataset = _Transformed(dataset, per_sample_crop_flip(self.input_shape[1:], PADDING))
         workers = self._workers(per_sample_work)
-        return DataLoader(
+        options = {
+            "batch_size": self.batch_size_per_device,
+            "num_workers": workers,
+            "pin_memory": self.device.type == "cuda",
+            "persistent_workers": workers > 0,
+        }
+        if not shuffle:  # evaluation, or overfit_batches: the same batches every time
+            return DataLoader(dataset, **options)
+        return ResumableDataLoader(
             dataset,
-            batch_size=self.batch_size_per_device,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
+            seed=self._shuffle_seed(),
+            random=per_sample_work,
+            rank=self.trainer.global_rank if self.trainer is not None else 0,
+            world_size=self.trainer.world_size if self.trainer is not None else 1,
+            **options,
         )
 
     def _workers(self, per_sample_work: bool) -> int:

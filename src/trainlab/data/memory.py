@@ -3,6 +3,10 @@ workers, no copies between processes. On small data sets this, not arithmetic, d
 
 Lightning takes any sized iterable as a data loader, but injects a DistributedSampler only into
 torch DataLoaders, so this loader shards by rank itself.
+
+The training loader is resumable mid-epoch: Lightning saves its `state_dict()` in every checkpoint
+(under "combined_loader") and hands it back to `load_state_dict()` on resumption, and the next
+pass then yields the rest of that epoch, augmented as the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ class MemoryLoader:
     ranks gets exactly the indices a DataLoader with that sampler would give it (a new order every
     epoch, shards padded to equal length so that every rank runs the same number of steps), and
     `augment(batch, generator)` draws from a stream of its own per seed, epoch and rank.
+
+    `state_dict()` is where the current pass stands: the epoch, the batches yielded so far and the
+    augmentation stream's state after them. Lightning asks for it at a checkpoint, after the
+    training step of the last batch yielded (it prefetches nothing from a loader with a length),
+    so the batches yielded are the batches trained on.
 
     Evaluation (`train=False`) gives each rank one contiguous slice, in order and without padding,
     so that every sample is counted exactly once; ranks may differ by one sample (and then by one
@@ -56,6 +65,9 @@ class MemoryLoader:
             )
         else:
             self.sampler = SequentialSampler(range(self.start, self.stop))
+        # The current pass: [epoch, batches yielded, augmentation generator]
+        self._pass: list = [0, 0, None]
+        self._resume_at: dict | None = None  # a state to continue from, once
 
     batch_sampler = None  # batches are slices, not lists of indices
 
@@ -69,19 +81,44 @@ class MemoryLoader:
                 yield self.x[i:j], self.y[i:j]
             return
         order = torch.tensor(list(self.sampler), device=self.x.device)
+        epoch, first = self._epoch(), 0
         generator = self.generator() if self.augment else None
-        for i in range(0, len(order), self.batch_size):
-            index = order[i : i + self.batch_size]
+        resume, self._resume_at = self._resume_at, None
+        if resume is not None and resume["epoch"] == epoch:  # the rest of an interrupted epoch
+            first = resume["batches"]
+            if generator is not None:
+                generator.set_state(resume["augment"])
+        self._pass = [epoch, first, generator]
+        for batch in range(first, len(self)):
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             x = self.x.index_select(0, index)
             if self.augment is not None:
                 x = self.augment(x, generator)
+            self._pass[1] = batch + 1  # before the yield: the pass waits there while it trains
             yield x, self.y.index_select(0, index)
+
+    def state_dict(self) -> dict:
+        if self._resume_at is not None:  # restored, not yet continued
+            return dict(self._resume_at)
+        epoch, batches, generator = self._pass
+        augment = generator.get_state() if generator is not None else None
+        return {"epoch": epoch, "batches": batches, "augment": augment}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` at the next pass over its epoch (Lightning sets that epoch
+        again); a pass over any other epoch starts from the beginning."""
+        self._resume_at = dict(state)
+        self._pass = [state["epoch"], state["batches"], None]
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(state["epoch"])
+
+    def _epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
 
     def generator(self) -> torch.Generator:
         """The augmentation stream of this epoch and rank: independent of the sampler's, and of
         every other rank's."""
-        epoch = getattr(self.sampler, "epoch", 0)
-        entropy = np.random.SeedSequence([self.seed, epoch, self.rank])
+        entropy = np.random.SeedSequence([self.seed, self._epoch(), self.rank])
         generator = torch.Generator(device=self.x.device)
         generator.manual_seed(int(entropy.generate_state(1, np.uint64)[0]))
         return generator

@@ -244,7 +244,8 @@ def test_resumed_run_ends_like_an_uninterrupted_one_and_eval_agrees(compose, tmp
     run = [*TINY, "logger=csv", "scheduler=none", "model.net.dropout=0.1", "model.sample.length=0"]
     reference = train(compose(*run, "trainer.max_epochs=2"), tmp_path / "reference")
     train(compose(*run, "trainer.max_epochs=1"), tmp_path / "resumed")
-    resumed = train(compose(*run, "trainer.max_epochs=2", "resume=auto"), tmp_path / "resumed")
+    longer = ("trainer.max_epochs=2", "resume=auto", "resume_allow_changes=true")
+    resumed = train(compose(*run, *longer), tmp_path / "resumed")
     assert resumed["resumed_from"].endswith("last.ckpt") and resumed["steps"] == 20
     for key in ("train/loss", "val/loss", "test/loss"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key

@@ -113,7 +113,11 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code
     hint = stderr.split("Resume with: ")[1].split()  # python -m trainlab.train ...
     assert hint[:3] == ["python", "-m", "trainlab.train"]
     result = run_cli(
-        "trainlab.train", *hint[3:], "trainer.max_epochs=" + str(ckpt["epoch"] + 2), cwd=tmp_path
+        "trainlab.train",
+        *hint[3:],
+        "trainer.max_epochs=" + str(ckpt["epoch"] + 2),
+        "resume_allow_changes=true",  # a longer run than the one stopped
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from" in result.stdout
@@ -148,6 +152,7 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
         *RUN,
         "trainer.max_epochs=3",
         "resume=auto",
+        "resume_allow_changes=true",  # a longer run than the one that wrote the checkpoints
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )

@@ -140,7 +140,14 @@ def test_resume_auto_continues_as_if_never_stopped(compose, tmp_path):
     split = tmp_path / "split"
     train(compose("experiment=mnist_gan", *overrides, "trainer.max_epochs=2"), split)
     record = train(
-        compose("experiment=mnist_gan", *overrides, "trainer.max_epochs=3", "resume=auto"), split
+        compose(
+            "experiment=mnist_gan",
+            *overrides,
+            "trainer.max_epochs=3",
+            "resume=auto",
+            "resume_allow_changes=true",  # 3 epochs where the first run had 2
+        ),
+        split,
     )
     assert record["resumed_from"] == str(split / "checkpoints" / "last.ckpt")
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (whole, split))

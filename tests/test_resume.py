@@ -135,7 +135,7 @@ def test_damaged_checkpoints_stop_the_resume_and_restart_keeps_the_history(compo
     result = run_cli("trainlab.train", *args, "resume=auto", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr
-    assert f"{last} is damaged" in error and f"{best} is damaged" in error, error
+    assert f"{last}: it is damaged" in error and f"{best}: it is damaged" in error, error
     assert "resume=restart" in error and "Traceback" not in error
     assert "no checkpoint yet" not in result.stdout
     for path, content in before.items():  # the run's history as it was
@@ -155,7 +155,7 @@ def test_refused_pickle_is_named_without_torchs_advice(tmp_path):
     torch.save({"state_dict": {}, "day": datetime.date(2020, 1, 1)}, bad)
     result = run_cli("trainlab.eval", f"ckpt_path={bad}", cwd=tmp_path)
     assert result.returncode == 2
-    assert f"checkpoint {bad} is damaged" in result.stderr
+    assert f"checkpoint {bad} cannot be read" in result.stderr
     assert "pickled Python object (datetime.date)" in result.stderr
     assert "weights_only" not in result.stderr and "Traceback" not in result.stderr
 

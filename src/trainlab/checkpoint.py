@@ -56,13 +56,6 @@ class CheckpointRecord(pl.Callback):
         if trainer.world_size > 1 and seed is not None and not self._restored:
             pl.seed_everything(seed + trainer.global_rank, workers=True, verbose=False)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        # The training loader's position in its epoch (data/memory.py, data/resumable.py): a
-        # schedule that asks for the run's length (estimated_stepping_batches) makes Lightning
-        # set up the training data before it restores the loops, and it then never hands the
-        # loader its saved state. Handed here, before the first batch is drawn.
-        trainer.fit_loop._load_combined_loader_states()
-
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:  # the metric history up to here is on disk too
             logger.save()
@@ -224,10 +217,7 @@ def read(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, or pickled objects we refuse to run
-        raise UserError(
-            f"checkpoint {path} is damaged: {why_unreadable(e)}. Try the run's other checkpoint "
-            "(last.ckpt or best.ckpt in the same folder)."
-        ) from None
+        raise UnreadableCheckpoint(path, why_unreadable(e)) from None
     if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
         raise UserError(
             f"{path} holds no trainlab config: it was not written by trainlab.train, so the "
@@ -235,6 +225,17 @@ def read(path: str | Path) -> dict[str, Any]:
         )
     check_targets(ckpt[KEY].get("config") or {}, f"checkpoint {path}")  # whatever reads it
     return ckpt
+
+
+class UnreadableCheckpoint(UserError):
+    """A checkpoint file that torch cannot load: damaged, or holding objects it refuses."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"checkpoint {path} cannot be read: {reason}. Try the run's other checkpoint "
+            "(last.ckpt or best.ckpt in the same folder)."
+        )
 
 
 def why_unreadable(error: Exception) -> str:
@@ -245,14 +246,13 @@ def why_unreadable(error: Exception) -> str:
     if refused:
         return (
             f"it holds a pickled Python object ({refused.group(1)}), which could run code when "
-            "loaded, and is refused (trainlab's checkpoints hold tensors and plain values only)"
+            "loaded and is refused (trainlab's checkpoints hold only tensors and plain values)"
         )
     if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
-        return "its contents are not a torch checkpoint"
+        return "it is damaged, or not a checkpoint (its bytes are not a torch file)"
     if isinstance(error, EOFError) or not text.strip():
-        return "the file is empty or cut short"
-    first_line = text.strip().splitlines()[0][:200]
-    return f"it is truncated (a run killed while saving) or not a checkpoint: {first_line}"
+        return "it is damaged: empty or cut short"
+    return "it is damaged: cut short (killed while saving?), or not a checkpoint"
 
 
 def stored_config(ckpt: dict[str, Any]) -> Any:
@@ -415,12 +415,12 @@ def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             return path, read(path)
         except UserError as e:
             print(f"resume: skipping {path}: {e}")
-            damaged.append(str(e))
+            damaged.append(f"{path}: {e.reason}" if isinstance(e, UnreadableCheckpoint) else str(e))
     if not damaged:
         return None
     raise UserError(
-        f"resume=auto: no checkpoint of {run_dir} can be read ({' '.join(damaged)}) Nothing in "
-        f"{run_dir} was changed. To start this run over, run the same command with "
+        f"resume=auto: no checkpoint of {run_dir} can be read ({'; '.join(damaged)}). Nothing "
+        f"in {run_dir} was changed. To start this run over, run the same command with "
         "resume=restart instead of resume=auto (the run's earlier files are kept in "
         f"{run_dir}/previous-<n>/); to continue from a copy of a checkpoint, pass "
         "ckpt_path=<file>."

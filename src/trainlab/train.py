@@ -250,9 +250,11 @@ def _report_sweep(record: Path, signum: int | None = None) -> None:
 
     summary = json.loads(record.read_text())
     jobs = list(summary["jobs"].values())
-    count = {s: sum(j["status"] == s for j in jobs) for s in ("finished", "interrupted", "pending")}
+    count = {s: sum(j["status"] == s for j in jobs) for s in ("interrupted", "pending")}
+    count["finished"] = sum(j["status"] in ("finished", "pruned") for j in jobs)
     failed = [j for j in jobs if j["status"] == "failed"]
-    if signum is None and all(j["status"] in ("finished", "pruned") for j in jobs):
+    # dropped: left by an earlier run, and not asked for again (see SweepRecord.close)
+    if signum is None and all(j["status"] in ("finished", "pruned", "dropped") for j in jobs):
         return
     words = []
     if signum is not None:
@@ -269,10 +271,11 @@ def _report_sweep(record: Path, signum: int | None = None) -> None:
             for j in failed
         )
         words.append(f"{len(failed)} job(s) of the sweep failed: {detail}.")
-    words.append(
-        f"Details in {record}. Continue the sweep with: {summary['resume']} (finished jobs "
-        "are kept, interrupted ones continue from their checkpoints, the others run)."
-    )
+    if "Optuna" in str(summary.get("sweeper")):
+        how = "finished trials are kept, and new trials replace the interrupted ones"
+    else:
+        how = "finished jobs are kept, interrupted ones continue from their checkpoints"
+    words.append(f"Details in {record}. Continue the sweep with: {summary['resume']} ({how}).")
     print("error: " + " ".join(words), file=sys.stderr)
     raise SystemExit(1 if signum is None else 128 + signum)
 

@@ -50,6 +50,7 @@ SUMMARY_FILE = "sweep.json"
 SWEEP_ENV = "TRAINLAB_SWEEP"  # tells a job the name of its sweep (its W&B group)
 JOB_ENV = "TRAINLAB_SWEEP_JOB"  # and its number (for Optuna's sweeper, the trial's number)
 PARENT_ENV = "TRAINLAB_SWEEP_PARENT"  # the launcher's pid: its jobs stop when it dies
+DONE = ("finished", "pruned")  # a job's ends that need nothing more
 HEARTBEAT_S = 10  # how often a running sweep touches sweep.json; silent 6 times this: dead
 
 # The sweep.json of every sweep this process ran, newest last: the entry point reports from
@@ -112,6 +113,9 @@ class ProcessLauncher(Launcher):
                 sweep_dir = Path(self.config.hydra.sweep.dir)
                 shared = bool(OmegaConf.select(self.config, "hydra.sweeper.storage"))
                 self.record = SweepRecord(sweep_dir, self._continue_command(), shared)
+                self.record.data["sweeper"] = OmegaConf.select(
+                    self.config, "hydra.sweeper._target_", default=None
+                )
                 RECORDS.append(self.record.path)
                 self._slots = queue.Queue()
                 for slot in gpu_slots(self.n_jobs, self.gpus_per_job):
@@ -351,8 +355,14 @@ class SweepRecord:
     def close(self, status: str | None) -> None:
         """The sweep's status once its jobs have returned: `status`, or what the jobs say."""
         with self._lock:
+            for num, job in self.data["jobs"].items():
+                if status is None and num not in self._ours and job["status"] not in DONE:
+                    # Left by an earlier run and not asked for again: an Optuna study tries
+                    # a new trial instead of one that was cut off.
+                    job["status"] = "dropped"
+                    job["error"] = "the sweeper did not run it again"
             states = {job["status"] for job in self.data["jobs"].values()}
-            done = states <= {"finished", "pruned"}
+            done = states <= {*DONE, "dropped"}
             self.data["status"] = status or ("finished" if done else "failed")
             self._save()
 

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from omegaconf import OmegaConf
 
 from trainlab import __version__
+from trainlab.commands import override, shell
 from trainlab.config import check_targets
 from trainlab.errors import UserError
 
@@ -55,6 +56,13 @@ class CheckpointRecord(pl.Callback):
         seed = self.config.get("seed")
         if trainer.world_size > 1 and seed is not None and not self._restored:
             pl.seed_everything(seed + trainer.global_rank, workers=True, verbose=False)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The training loader's position in its epoch (data/memory.py, data/resumable.py): a
+        # schedule that asks for the run's length (estimated_stepping_batches) makes Lightning
+        # set up the training data before it restores the loops, and it then never hands the
+        # loader its saved state. Handed here, before the first batch is drawn.
+        trainer.fit_loop._load_combined_loader_states()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:  # the metric history up to here is on disk too
@@ -418,12 +426,13 @@ def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
             damaged.append(f"{path}: {e.reason}" if isinstance(e, UnreadableCheckpoint) else str(e))
     if not damaged:
         return None
+    here = shell([override("hydra.run.dir", run_dir)])
     raise UserError(
         f"resume=auto: no checkpoint of {run_dir} can be read ({'; '.join(damaged)}). Nothing "
-        f"in {run_dir} was changed. To start this run over, run the same command with "
-        "resume=restart instead of resume=auto (the run's earlier files are kept in "
-        f"{run_dir}/previous-<n>/); to continue from a copy of a checkpoint, pass "
-        "ckpt_path=<file>."
+        f"in {run_dir} was changed. To start this run over in it, run the same command with "
+        f"resume=restart in place of resume=auto, and {here} (the run's earlier files are moved "
+        f"to {run_dir}/previous-<n>/); to continue from a checkpoint kept elsewhere, pass "
+        "ckpt_path=<file> instead."
     )
 
 

@@ -4,6 +4,7 @@ several sweep commands through a journal file."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import child_env, run_cli
@@ -87,7 +88,7 @@ def test_a_wrong_pruner_or_storage_is_one_paragraph(tmp_path):
 
 @pytest.mark.slow
 def test_a_free_slot_takes_the_next_trial_before_the_slow_one_ends(tmp_path):
-    # With seed 1 the sampler asks for 10 epochs, then 1 and 1: the short trial's slot
+    # With seed 1 the sampler asks for 30 epochs, then 1 and 1: the short trial's slot
     # takes trial 2 while trial 0 still trains (in lock-step batches it would wait for it).
     result = run_cli(
         "trainlab.train",
@@ -96,14 +97,14 @@ def test_a_free_slot_takes_the_next_trial_before_the_slow_one_ends(tmp_path):
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.study_name=overlap",
         "hydra.sweeper.seed=1",
-        "+hydra.sweeper.params.trainer.max_epochs='choice(10, 1)'",
+        "+hydra.sweeper.params.trainer.max_epochs='choice(30, 1)'",
         "hydra.launcher.n_jobs=2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "logs" / "train" / "optuna" / "overlap"
     slow, fast, third = load_study("overlap", f"sqlite:///{sweep / STORAGE_FILE}").trials
-    assert (slow.params["trainer.max_epochs"], fast.params["trainer.max_epochs"]) == (10, 1)
+    assert (slow.params["trainer.max_epochs"], fast.params["trainer.max_epochs"]) == (30, 1)
     assert fast.datetime_complete < slow.datetime_complete
     assert (slow.datetime_complete - third.datetime_start).total_seconds() > 3
     for trial in (slow, fast, third):
@@ -155,3 +156,26 @@ def test_two_sweeps_share_one_study_in_a_journal_file(tmp_path):
         assert record["status"] == "finished"
         assert record["val/acc_best"] == pytest.approx(trial.value)
         assert f"data.batch_size={trial.params['data.batch_size']}" in record["overrides"]
+
+
+@pytest.mark.slow
+def test_a_grid_sweep_keeps_every_slot_busy(tmp_path):
+    # The same for a grid (one launch of every job, a pool of n_jobs threads): job 2 takes the
+    # slot of the short job 1 while the long job 0 still trains.
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        "trainer.max_epochs=30,1,1",
+        "logger=csv",
+        "test=false",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweep.dir=grid",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = json.loads((tmp_path / "grid" / "sweep.json").read_text())["jobs"]
+
+    def started(num: str) -> float:
+        return time.mktime(time.strptime(jobs[num]["started"], "%Y-%m-%d %H:%M:%S"))
+
+    assert started("2") + 3 < started("0") + jobs["0"]["duration_s"]

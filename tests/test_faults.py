@@ -1,6 +1,7 @@
 """Runs die; work must not. Real processes are killed and signalled here, and resumed."""
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code
     assert ckpt["global_step"] == record["steps"] and ckpt["epoch"] >= saved_epoch
     assert "Traceback" not in stderr
 
-    hint = stderr.split("Resume with: ")[1].split()  # python -m trainlab.train ...
+    # python -m trainlab.train ..., a shell line
+    hint = shlex.split(stderr.split("Resume with: ")[1].splitlines()[0])
     assert hint[:3] == ["python", "-m", "trainlab.train"]
     result = run_cli(
         "trainlab.train",

@@ -163,6 +163,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_scaling.rule": (lambda v: v in ("none", "linear", "sqrt"), "none, linear or sqrt"),
     "lr_scaling.base_batch_size": (_positive_int, "a positive integer"),
     "checkpoint_every_n_steps": (_optional(_positive_int), "a positive integer or null"),
+    # it names the module a sweep's launcher runs (trainlab.<name>): a plain name only
+    "hydra.job.name": (
+        lambda v: isinstance(v, str) and v.replace("_", "a").replace("-", "a").isalnum(),
+        "a plain name (letters, digits, _ and -)",
+    ),
     "divergence_factor": (
         _optional(lambda v: _is_number(v) and v > 1),
         "a number > 1 (e.g. 1e4), or null to switch the check off",

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainlab.commands import override
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,7 @@ def run_study(pruner: str, trials: int, out: Path, extra: list[str]) -> dict:
         "hydra.sweeper.seed=0",
         f"hydra.sweeper.pruner={pruner}",
         f"hydra.sweeper.study_name=bench_{pruner}",
-        f"hydra.sweep.dir={sweep}",
+        override("hydra.sweep.dir", sweep),
         *extra,
     ]
     started = time.perf_counter()

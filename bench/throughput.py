@@ -52,6 +52,7 @@ from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
 from trainlab import run
+from trainlab.commands import override
 from trainlab.data.augment import crop_flip
 from trainlab.data.vision import CIFAR10DataModule
 from trainlab.schedulers import cosine
@@ -138,7 +139,8 @@ class GeneratedCIFAR10(CIFAR10DataModule):
 
 def cifar_overrides(data_dir: Path) -> tuple[list[str], str]:
     if (data_dir / "cifar-10-batches-py" / "data_batch_5").is_file():
-        return ["data=cifar10", f"paths.data_dir={data_dir}", "data.download=false"], "CIFAR-10"
+        files = ["data=cifar10", override("paths.data_dir", data_dir), "data.download=false"]
+        return files, "CIFAR-10"
     return ["data=cifar10", "data._target_=__main__.GeneratedCIFAR10"], "random, CIFAR-10-sized"
 
 
@@ -715,7 +717,7 @@ def main() -> None:
     allocator = steady_malloc()
     os.environ.setdefault("WANDB_SILENT", "true")
     mnist_root, mnist_kind = mnist_dir(args.data_dir)
-    mnist = ["data=mnist", f"paths.data_dir={mnist_root}", "data.download=false"]
+    mnist = ["data=mnist", override("paths.data_dir", mnist_root), "data.download=false"]
     cifar, cifar_kind = cifar_overrides(args.data_dir)
     print(f"# trainlab benchmark: {machine(args)}")
     print(f"MNIST-sized data: {mnist_kind}; CIFAR-10-sized data: {cifar_kind}")

@@ -193,6 +193,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     sweep = os.environ.get(process_launcher.SWEEP_ENV) or (
         Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     )
+    done = _finished_already(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    if done is not None:  # e.g. a job of a SLURM sweep submitted again
+        print(f"resume=auto: {hc.runtime.output_dir} finished already; nothing to do.")
+        return done.get("val/acc_best")
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         print_config(cfg)  # once, not once per process of a distributed run
     try:
@@ -321,6 +325,23 @@ def _point_resume_at_its_sweep() -> None:
     else:
         print(f"resume=auto: continuing the sweep in {found}")
         sys.argv.append(override("hydra.sweep.dir", found))
+
+
+def _finished_already(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict | None:
+    """With resume=auto, the record of a run in run_dir that finished with these overrides
+    (resume= aside): continuing it has nothing left to do."""
+    import json
+
+    if cfg.get("resume") != "auto":
+        return None
+    try:
+        record = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("status") != "finished":
+        return None
+    same = process_launcher.same_job(record.get("overrides") or [], overrides)
+    return record if same else None
 
 
 def _dry_run_arguments() -> str:

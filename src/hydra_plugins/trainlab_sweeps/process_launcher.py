@@ -418,18 +418,37 @@ def unfinished_sweep(sweeps_dir: Path, args: list[str]) -> Path | None:
     continues. One that is still running is refused."""
 
     def key(items: list[str]) -> list[str]:
-        ignored = ("-", "resume=", "hydra.sweep.dir=", "hydra.launcher.")
+        ignored = ("-", "resume=", "hydra.sweep.dir=", "hydra.launcher.", "hydra.mode=")
         return sorted(a for a in items if not a.lstrip("+").startswith(ignored))
 
     wanted = key(args)
-    for path in sorted(sweeps_dir.glob(f"*/{SUMMARY_FILE}"), reverse=True):  # newest first
-        record = _read_json(path)
+    sweeps = {
+        p.parent for name in (SUMMARY_FILE, "multirun.yaml") for p in sweeps_dir.glob(f"*/{name}")
+    }
+    for sweep in sorted(sweeps, reverse=True):  # named by their start: newest first
+        record = _read_json(sweep / SUMMARY_FILE) or _record_from_hydra(sweep)
         if key(record.get("command") or []) != wanted:
             continue
         if launcher_alive(record):
-            _refuse(f"the sweep in {path.parent} is still running; wait for it or stop it.")
-        return None if sweep_status(record) == "finished" else path.parent
+            _refuse(f"the sweep in {sweep} is still running; wait for it or stop it.")
+        return None if sweep_status(record) == "finished" else sweep
     return None
+
+
+def _record_from_hydra(sweep: Path) -> dict[str, Any]:
+    """The part of a sweep.json that unfinished_sweep reads, for a sweep whose launcher writes
+    none (SLURM's, through submitit): its command from Hydra's multirun.yaml; finished when
+    every job that started has finished."""
+    import yaml
+
+    try:
+        overrides = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["overrides"]
+        command = [*overrides.get("hydra", []), *overrides.get("task", [])]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return {}
+    jobs = [p for p in sweep.iterdir() if p.name.isdigit()]
+    done = jobs and all(_read_json(p / "metrics.json").get("status") in DONE for p in jobs)
+    return {"command": command, "status": "finished" if done else "stopped"}
 
 
 def sweep_status(record: dict[str, Any]) -> str:

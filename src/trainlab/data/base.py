@@ -183,7 +183,9 @@ class InMemoryDataModule(pl.LightningDataModule):
             "persistent_workers": workers > 0,
         }
         if not shuffle:  # evaluation, or overfit_batches: the same batches every time
-            return DataLoader(dataset, **options)
+            # A generator of its own: else each pass draws its workers' seed from the global
+            # one, which dropout shares, and a resumed run would draw where the first did not.
+            return DataLoader(dataset, generator=torch.Generator(), **options)
         return ResumableDataLoader(
             dataset,
             seed=self._shuffle_seed(),

@@ -18,6 +18,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from trainlab.data.base import per_device_batch_size
+from trainlab.data.resumable import ResumableDataLoader, run_seed
 from trainlab.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -107,13 +108,24 @@ class ImageFilesDataModule(pl.LightningDataModule):
         if workers == "auto":  # decoding is the bottleneck; leave a core for the training loop
             workers = max(0, min(8, (len(os.sched_getaffinity(0)) - 1)))
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(
+        options = {
+            "batch_size": self.batch_size_per_device,
+            "num_workers": workers,
+            "pin_memory": on_gpu,
+            "persistent_workers": workers > 0,
+        }
+        trainer = self.trainer
+        if not shuffle or (trainer is not None and trainer.overfit_batches):
+            # A generator of its own: else each pass draws its workers' seed from the global
+            # one, which dropout shares, and a resumed run would draw where the first did not.
+            return DataLoader(self.splits[split], generator=torch.Generator(), **options)
+        return ResumableDataLoader(  # resumes mid-epoch, with the same random transforms
             self.splits[split],
-            batch_size=self.batch_size_per_device,
-            shuffle=shuffle,
-            num_workers=workers,
-            pin_memory=on_gpu,
-            persistent_workers=workers > 0,
+            seed=run_seed(trainer),
+            random=bool(self.train_transforms),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -86,7 +86,7 @@ class MemoryLoader:
         resume, self._resume_at = self._resume_at, None
         if resume is not None and resume["epoch"] == epoch:  # the rest of an interrupted epoch
             first = resume["batches"]
-            if generator is not None:
+            if generator is not None and resume["augment"] is not None:
                 generator.set_state(resume["augment"])
         self._pass = [epoch, first, generator]
         for batch in range(first, len(self)):

@@ -22,6 +22,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
+def run_seed(trainer) -> int:
+    """The seed torch was last seeded with (the run's seed, which seed_everything sets, else a
+    random one), rank 0's: every rank must shuffle alike."""
+    seed = torch.initial_seed() % 2**62
+    return trainer.strategy.broadcast(seed) if trainer is not None else seed
+
+
 def sample_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0])
 

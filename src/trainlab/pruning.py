@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,7 +45,10 @@ class ReportToStudy(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            self._trial = self._open_trial()
+            try:
+                self._trial = self._open_trial()
+            except Exception as e:
+                self._give_up(e)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
@@ -54,8 +58,11 @@ class ReportToStudy(pl.Callback):
         prune = False
         value = trainer.callback_metrics.get(self.study["metric"])
         if self._trial is not None and value is not None:
-            self._trial.report(float(value), epoch)
-            prune = self._trial.should_prune()
+            try:
+                self._trial.report(float(value), epoch)
+                prune = self._trial.should_prune()
+            except Exception as e:  # the study's storage out of reach: the run matters more
+                self._give_up(e)
         if trainer.world_size > 1:
             prune = trainer.strategy.broadcast(prune)
         if prune:
@@ -78,3 +85,11 @@ class ReportToStudy(pl.Callback):
         )
         (frozen,) = (t for t in study.get_trials(deepcopy=False) if t.number == self.number)
         return optuna.trial.Trial(study, frozen._trial_id)
+
+    def _give_up(self, error: Exception) -> None:
+        self._trial = None
+        print(
+            f"warning: trial {self.number} cannot reach its study at {self.study['storage']} "
+            f"({type(error).__name__}: {error}); it trains to its end without pruning.",
+            file=sys.stderr,
+        )

@@ -24,7 +24,7 @@ BAD_OVERRIDES = [
     ("data.batchsize=32", ["Did you mean 'data.batch_size'"]),
     ("optimizer.lr=1e-3,oops", ["optimizer.lr", "'oops'"]),  # one bad value in a sweep
     ("optimizer.lr=[1", ["cannot read the command line"]),
-    ("model.net._target_=os.system", ["names code that no config file names"]),
+    ("model.net._target_=os.system", ["asks to build 'os.system'", "no file in"]),
 ]
 
 

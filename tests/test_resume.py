@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import child_env, run_cli
 
+from trainlab.checkpoint import config_changes
 from trainlab.train import train
 
 STEPS_PER_EPOCH = 21  # 1293 training digits in batches of 64
@@ -186,3 +187,26 @@ def test_changed_lr_on_resume_is_refused_unless_allowed_then_applied(compose, tm
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert group["initial_lr"] == pytest.approx(0.01)  # the run went on with the new rate
     assert ckpt["lr_schedulers"][0]["base_lrs"] == [pytest.approx(0.01)]
+
+
+def test_config_changes_leave_bookkeeping_out_and_see_a_section_replaced():
+    stored = {
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.001},
+        "scheduler": {"_target_": "trainlab.schedulers.cosine", "warmup_steps": 0},
+        "data": {"data_dir": "/old/data", "batch_size": 64},
+        "paths": {"log_dir": "/old/logs"},
+        "tags": [],
+        "an_option_removed_since": 1,
+    }
+    current = {
+        "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.001},
+        "scheduler": None,  # scheduler=none
+        "data": {"data_dir": "/new/data", "batch_size": 32},
+        "paths": {"log_dir": "/new/logs"},
+        "tags": ["again"],
+        "an_option_added_since": 2,
+    }
+    assert config_changes(stored, current) == {
+        "data.batch_size": [64, 32],
+        "scheduler": [stored["scheduler"], None],
+    }

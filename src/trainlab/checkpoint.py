@@ -62,7 +62,7 @@ class CheckpointRecord(pl.Callback):
         # schedule that asks for the run's length (estimated_stepping_batches) makes Lightning
         # set up the training data before it restores the loops, and it then never hands the
         # loader its saved state. Handed here, before the first batch is drawn.
-        pass  # XXX
+        trainer.fit_loop._load_combined_loader_states()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:  # the metric history up to here is on disk too

@@ -356,7 +356,8 @@ def _check_weights_fit(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[0]
+        lines = [line.strip() for line in str(e).strip().splitlines()]
+        reason = lines[1] if len(lines) > 1 else lines[0]  # the first says only "Error(s) in"
         raise UserError(
             f"the weights in {path} do not fit the changed model ({reason}): a change of model "
             "that changes its parameters cannot resume; start a new run without resume/ckpt_path."

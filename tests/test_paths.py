@@ -114,6 +114,8 @@ def test_commands_that_run_nothing_leave_no_directories(tmp_path):
     ):
         result = run_cli("trainlab.train", *args, cwd=work, env={"TMPDIR": str(scratch)})
         assert result.returncode == (2 if "optimizer.lrr=1" in args else 0), result.stderr
+    result = run_cli("trainlab.eval", cwd=work)  # no ckpt_path
+    assert result.returncode == 2 and "ckpt_path must be given" in result.stderr
     assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []
 
 

@@ -39,6 +39,7 @@ def run_dir_arguments(entry: str, argv: list[str]) -> list[str]:
         return []
     key = f"hydra.{'sweep' if args.multirun else 'run'}.dir"
     cfg = compose(entry, args.overrides, args.config_name)
+    _check_required(cfg)
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
     path = Path(str(OmegaConf.select(cfg, key)))
@@ -75,6 +76,15 @@ def make_dir(path: Path, key: str) -> None:
         raise UserError(_cannot("create the run directory", path, e, key)) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(_cannot("write to the run directory", path, _denied(), key))
+
+
+def _check_required(cfg: Any) -> None:
+    """Values the command must give (`???` in its entry config, e.g. eval's ckpt_path): asked
+    for here, before a run directory exists for a command that cannot run."""
+    missing = [key for key in cfg if key != "hydra" and OmegaConf.is_missing(cfg, key)]
+    if missing:
+        needed = " ".join(f"{key}=<value>" for key in missing)
+        raise UserError(f"{', '.join(missing)} must be given: add {needed} to the command.")
 
 
 def check_data_dir(cfg: Any) -> None:

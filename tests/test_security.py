@@ -278,7 +278,11 @@ def test_wandb_server_values_reach_the_same_check(tmp_path):
             "hydra.sweeper.pruner=median",
         ),
         ("trainer=ddp_cpu", "callbacks=default", "+data.train_transforms=[]"),
-        ("+x=${optimizer.lr}", "paths.log_dir=${oc.env:HOME}/logs"),
+        (
+            "+x=${optimizer.lr}",
+            "paths.log_dir=${oc.env:HOME}/logs",
+            "hydra.run.dir=out/run.${seed}",
+        ),
     ],
 )
 def test_legitimate_command_lines_pass(args):

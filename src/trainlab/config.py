@@ -656,7 +656,8 @@ def _makes_nodes(text: str) -> bool:
     import re
 
     squeezed = re.sub(r"\s+", "", text)
-    return any(m in squeezed for m in NODE_MAKERS) or "${${" in squeezed or ".${" in squeezed
+    computed_name = re.search(r"\$\{[\w.]*\$\{", squeezed)  # ${${a}:...}, ${oc.${b}:...}
+    return any(m in squeezed for m in NODE_MAKERS) or computed_name is not None
 
 
 def _plain(cfg: Any, resolve: bool = False) -> Any:

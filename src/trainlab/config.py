@@ -272,7 +272,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         raise UserError(
             f"cannot read the command line: {str(e).splitlines()[0]}. Overrides are written "
             "key=value (e.g. optimizer.lr=1e-3), group=option (e.g. model=cnn), or key=a,b,c to "
-            "sweep with -m."
+            "sweep with -m; a value with spaces, quotes or letters beyond ASCII goes in quotes "
+            "for Hydra, inside the shell's: \"paths.log_dir='/data/my runs'\"."
         ) from None
 
     group_overrides, key_overrides, hydra_overrides = [], [], []

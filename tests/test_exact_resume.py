@@ -39,10 +39,12 @@ def images(n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.arange(n)
 
 
-def memory_loader() -> MemoryLoader:
+def memory_loader(rank: int = 0, world_size: int = 1) -> MemoryLoader:
     x, y = images()
     augment = partial(crop_flip, padding=4)
-    return MemoryLoader(x, y, 16, train=True, augment=augment, seed=7)
+    return MemoryLoader(
+        x, y, 16, train=True, augment=augment, seed=7, rank=rank, world_size=world_size
+    )
 
 
 def dataloader(workers: int = 0) -> ResumableDataLoader:
@@ -111,6 +113,17 @@ def test_a_state_of_another_epoch_starts_that_epoch_from_its_beginning():
     reference = epoch(memory_loader(), 2)
     loader.load_state_dict({"epoch": 1, "batches": 3, "augment": None})
     assert same(epoch(loader, 2), reference)
+
+
+def test_every_rank_resumes_its_own_stream_from_rank_0s_state(tmp_path):
+    """Only rank 0 writes checkpoints, and every rank loads its loader state: the state must
+    hold nothing of rank 0's own (such as its augmentation stream)."""
+    reference = epoch(memory_loader(rank=1, world_size=2), 1)
+    rank_0 = memory_loader(rank=0, world_size=2)
+    epoch(rank_0, 1, limit=2)
+    rank_1 = memory_loader(rank=1, world_size=2)
+    rank_1.load_state_dict(saved_and_loaded(rank_0.state_dict(), tmp_path))
+    assert same(epoch(rank_1, 1, limit=len(rank_1) - 2), reference[2:])
 
 
 def test_the_dataloader_leaves_the_global_generator_alone():

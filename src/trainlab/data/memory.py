@@ -29,10 +29,12 @@ class MemoryLoader:
     epoch, shards padded to equal length so that every rank runs the same number of steps), and
     `augment(batch, generator)` draws from a stream of its own per seed, epoch and rank.
 
-    `state_dict()` is where the current pass stands: the epoch, the batches yielded so far and the
-    augmentation stream's state after them. Lightning asks for it at a checkpoint, after the
-    training step of the last batch yielded (it prefetches nothing from a loader with a length),
-    so the batches yielded are the batches trained on.
+    `state_dict()` is where the current pass stands: the epoch and the batches yielded so far.
+    Lightning asks for it at a checkpoint, after the training step of the last batch yielded (it
+    prefetches nothing from a loader with a length), so those are the batches trained on. A
+    resumed pass augments the batches before that point again, unused, so that its stream goes
+    on where it stood on every rank (only rank 0's state is saved: the stream's own state would
+    be rank 0's).
 
     Evaluation (`train=False`) gives each rank one contiguous slice, in order and without padding,
     so that every sample is counted exactly once; ranks may differ by one sample (and then by one
@@ -65,8 +67,7 @@ class MemoryLoader:
             )
         else:
             self.sampler = SequentialSampler(range(self.start, self.stop))
-        # The current pass: [epoch, batches yielded, augmentation generator]
-        self._pass: list = [0, 0, None]
+        self._pass = [0, 0]  # the current pass: [epoch, batches yielded]
         self._resume_at: dict | None = None  # a state to continue from, once
 
     batch_sampler = None  # batches are slices, not lists of indices
@@ -82,15 +83,17 @@ class MemoryLoader:
             return
         order = torch.tensor(list(self.sampler), device=self.x.device)
         epoch, first = self._epoch(), 0
-        generator = self.generator() if self.augment else None
         resume, self._resume_at = self._resume_at, None
         if resume is not None and resume["epoch"] == epoch:  # the rest of an interrupted epoch
             first = resume["batches"]
-            if generator is not None and resume["augment"] is not None:
-                generator.set_state(resume["augment"])
-        self._pass = [epoch, first, generator]
-        for batch in range(first, len(self)):
+        self._pass = [epoch, first]
+        generator = self.generator() if self.augment else None
+        for batch in range(len(self)):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            if batch < first:  # trained on before the interruption
+                if self.augment is not None:  # augmented again, unused: the stream moves on
+                    self.augment(self.x.index_select(0, index), generator)
+                continue
             x = self.x.index_select(0, index)
             if self.augment is not None:
                 x = self.augment(x, generator)
@@ -100,15 +103,13 @@ class MemoryLoader:
     def state_dict(self) -> dict:
         if self._resume_at is not None:  # restored, not yet continued
             return dict(self._resume_at)
-        epoch, batches, generator = self._pass
-        augment = generator.get_state() if generator is not None else None
-        return {"epoch": epoch, "batches": batches, "augment": augment}
+        epoch, batches = self._pass
+        return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` at the next pass over its epoch (Lightning sets that epoch
         again); a pass over any other epoch starts from the beginning."""
-        self._resume_at = dict(state)
-        self._pass = [state["epoch"], state["batches"], None]
+        self._resume_at = {"epoch": state["epoch"], "batches": state["batches"]}
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(state["epoch"])
 

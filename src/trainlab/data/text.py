@@ -177,9 +177,10 @@ class RandomWindows:
 
     The generator of each epoch is seeded from (seed, epoch, rank): runs repeat exactly, a
     resumed run draws what the uninterrupted one would have, and every rank has its own stream.
-    `state_dict()` is where the current pass stands (the epoch, the batches yielded, the
-    generator's state after them); Lightning saves it in checkpoints and hands it back to
-    `load_state_dict()`, and the next pass over that epoch continues from there.
+    `state_dict()` is where the current pass stands (the epoch, the batches yielded); Lightning
+    saves it in checkpoints and hands it back to `load_state_dict()`, and the next pass over
+    that epoch continues from there, drawing the skipped batches' places again, unused, so that
+    its stream goes on where it stood on every rank.
     """
 
     def __init__(
@@ -198,7 +199,7 @@ class RandomWindows:
         self.epoch = 0
         if follow_epochs:
             self.sampler = self  # Lightning calls loader.sampler.set_epoch(epoch) each epoch
-        self._pass: list = [0, 0, None]  # [epoch, batches yielded, generator]
+        self._pass = [0, 0]  # the current pass: [epoch, batches yielded]
         self._resume_at: dict | None = None  # a state to continue from, once
 
     def set_epoch(self, epoch: int) -> None:
@@ -214,13 +215,13 @@ class RandomWindows:
         first, resume, self._resume_at = 0, self._resume_at, None
         if resume is not None and resume["epoch"] == self.epoch:  # the rest of an epoch
             first = resume["batches"]
-            if resume["generator"] is not None:
-                generator.set_state(resume["generator"])
-        self._pass = [self.epoch, first, generator]
-        for batch in range(first, self.batches):
+        self._pass = [self.epoch, first]
+        for batch in range(self.batches):
             starts = torch.randint(
                 len(self.windows), (self.batch_size,), generator=generator, device=device
             )
+            if batch < first:  # trained on before the interruption: drawn only to move on
+                continue
             window = self.windows[starts].long()
             self._pass[1] = batch + 1  # before the yield: the pass waits there while it trains
             yield window[:, :-1], window[:, 1:]
@@ -228,14 +229,13 @@ class RandomWindows:
     def state_dict(self) -> dict:
         if self._resume_at is not None:  # restored, not yet continued
             return dict(self._resume_at)
-        epoch, batches, generator = self._pass
-        state = generator.get_state() if generator is not None else None
-        return {"epoch": epoch, "batches": batches, "generator": state}
+        epoch, batches = self._pass
+        return {"epoch": epoch, "batches": batches}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state` at the next pass over its epoch (Lightning sets that epoch
         again); a pass over any other epoch starts from the beginning."""
-        self._resume_at = dict(state)
+        self._resume_at = {"epoch": state["epoch"], "batches": state["batches"]}
         self.epoch = state["epoch"]
 
 

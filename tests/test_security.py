@@ -287,3 +287,17 @@ def test_wandb_server_values_reach_the_same_check(tmp_path):
 )
 def test_legitimate_command_lines_pass(args):
     check_command_line("train", list(args))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-cn", "../../tmp/evil/x"],
+        ["--config-name", "nonexistent"],
+        ["-m", "hydra/launcher=../../../tmp/evil/x"],
+        ["hydra/job_logging=../x"],
+    ],
+)
+def test_config_names_leading_out_of_conf_are_refused(argv):
+    with pytest.raises(UserError, match="is refused"):
+        check_command_line("train", argv)

@@ -72,6 +72,11 @@ def _positive_int(v: Any) -> bool:
     return _is_int(v) and v > 0
 
 
+def _plain_name(text: Any) -> bool:
+    """Letters, digits, _ and - only: no path that could leave a config folder."""
+    return isinstance(text, str) and text.replace("_", "a").replace("-", "a").isalnum()
+
+
 def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or test(v)
 
@@ -164,10 +169,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_scaling.base_batch_size": (_positive_int, "a positive integer"),
     "checkpoint_every_n_steps": (_optional(_positive_int), "a positive integer or null"),
     # it names the module a sweep's launcher runs (trainlab.<name>): a plain name only
-    "hydra.job.name": (
-        lambda v: isinstance(v, str) and v.replace("_", "a").replace("-", "a").isalnum(),
-        "a plain name (letters, digits, _ and -)",
-    ),
+    "hydra.job.name": (_plain_name, "a plain name (letters, digits, _ and -)"),
     "divergence_factor": (
         _optional(lambda v: _is_number(v) and v > 1),
         "a number > 1 (e.g. 1e4), or null to switch the check off",
@@ -471,6 +473,12 @@ def _refuse_other_configs(args: Any) -> None:
                 "nothing builds code that no file there names. Copy the configs you need into "
                 "conf/ (e.g. conf/experiment/) and select them with group=option."
             )
+    name = args.config_name
+    if name is not None and not (_plain_name(name) and (CONF_DIR / f"{name}.yaml").is_file()):
+        raise UserError(
+            f"--config-name (-cn) {name} is refused: it must name a config at the top of "
+            f"{CONF_DIR} ({', '.join(sorted(p.stem for p in CONF_DIR.glob('*.yaml')))})."
+        )
 
 
 def check_hydra_override(o: Any) -> None:
@@ -505,6 +513,8 @@ def check_sweep_value(key: str, value: Any, source: str) -> None:
     names, no text that turns into nodes, a plain value for hydra.*, and RULES."""
     if key.startswith(("hydra.", "hydra/")):
         _check_hydra_key(key, source)
+        if key.startswith("hydra/") and not (value is None or _plain_name(value)):
+            raise UserError(f"{source} is refused: {key} takes the name of an option.")
         if not (value is None or isinstance(value, (str, int, float, bool))):
             raise UserError(
                 f"{source} is refused: {key} takes a plain value (a number, a word or a "

@@ -296,8 +296,10 @@ def test_legitimate_command_lines_pass(args):
         ["--config-name", "nonexistent"],
         ["-m", "hydra/launcher=../../../tmp/evil/x"],
         ["hydra/job_logging=../x"],
+        ["+callbacks@hydra.callbacks=default"],
+        ["+model@_global_.hydra.callbacks=mlp"],
     ],
 )
-def test_config_names_leading_out_of_conf_are_refused(argv):
+def test_configs_from_or_into_places_out_of_reach_are_refused(argv):
     with pytest.raises(UserError, match="is refused"):
         check_command_line("train", argv)

@@ -2,7 +2,9 @@
 
 Hydra would also reject most mistakes, but only deep inside composition or, for a wrong value,
 once data and model are built. `check_command_line` runs before Hydra does: it knows every key
-and option, so it can say what was expected and suggest the likely spelling.
+and option, so it can say what was expected and suggest the likely spelling. RULES and PATTERNS
+say which values each number may take; the trust model's checks (known_targets, check_targets,
+HYDRA_KEYS) keep any config, wherever it comes from, from building code that conf/ does not name.
 """
 
 from __future__ import annotations
@@ -289,7 +291,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         elif (CONF_DIR / key).is_dir():
             _check_group_option(o)
             sign = "++" if o.is_force_add() else "+" if o.is_add() else ""  # keep +model=mlp
-            group_overrides.append(f"{sign}{key}={_values(o)[0]}")
+            package = _package(o)  # model@where=mlp
+            group_overrides.append(f"{sign}{key}{package}={_values(o)[0]}")
         else:
             key_overrides.append(o)
 
@@ -314,6 +317,18 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
                 )
             check_value(key, value, f"'{o.input_line}'")
     _check_whole_config(config_name, group_overrides, key_overrides + hydra_overrides)
+
+
+def _package(o: Any) -> str:
+    """`@package` of a group override as written, refused where it would land in hydra.*."""
+    if o.package is None:
+        return ""
+    if o.package.removeprefix("_global_").lstrip(".").split(".")[0] == "hydra":
+        raise UserError(
+            f"'{o.input_line}' is refused: it puts a config into hydra.*, whose settings the "
+            "command line may not change beyond the plain ones (see README, The trust model)."
+        )
+    return f"@{o.package}"
 
 
 def _values(override: Any) -> list[Any]:

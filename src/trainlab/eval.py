@@ -85,10 +85,13 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from hydra_plugins.trainlab_sweeps import process_launcher
+
+    process_launcher.stop_with_parent()  # a job of a sweep stops when the sweep dies
     with exit_on_user_error():
         check_command_line("eval", sys.argv[1:])
         sys.argv += run_dirs.run_dir_arguments("eval", sys.argv[1:])
-    _hydra_main()
+    process_launcher.run_and_report(_hydra_main)  # a stopped or failed sweep: one paragraph
 
 
 if __name__ == "__main__":

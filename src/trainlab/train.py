@@ -234,54 +234,11 @@ def main() -> None:
             _point_resume_at_its_run()
             _point_resume_at_its_sweep()
             sys.argv += run_dirs.run_dir_arguments("train", sys.argv[1:])
-    # Read the launcher's names through the module: Hydra's plugin scan re-executes it.
     try:
-        _hydra_main()
-    except process_launcher.SweepStopped as stopped:
-        _report_sweep(stopped.record, stopped.signum)
+        process_launcher.run_and_report(_hydra_main)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    for record in process_launcher.RECORDS:
-        _report_sweep(record)
-
-
-def _report_sweep(record: Path, signum: int | None = None) -> None:
-    """One paragraph, and exit 128 + signum (stopped by a signal) or 1 (jobs failed or were
-    interrupted), naming the command that continues the sweep; nothing if every job finished."""
-    import json
-    import signal
-
-    summary = json.loads(record.read_text())
-    jobs = list(summary["jobs"].values())
-    count = {s: sum(j["status"] == s for j in jobs) for s in ("interrupted", "pending")}
-    count["finished"] = sum(j["status"] in ("finished", "pruned") for j in jobs)
-    failed = [j for j in jobs if j["status"] == "failed"]
-    # dropped: left by an earlier run, and not asked for again (see SweepRecord.close)
-    if signum is None and all(j["status"] in ("finished", "pruned", "dropped") for j in jobs):
-        return
-    words = []
-    if signum is not None:
-        words.append(
-            f"the sweep was stopped by {signal.Signals(signum).name}: of its {len(jobs)} jobs, "
-            f"{count['finished']} finished, {count['interrupted']} were interrupted (each "
-            f"saved a checkpoint) and {count['pending']} had not started."
-        )
-    elif count["interrupted"]:
-        words.append(f"{count['interrupted']} job(s) of the sweep were interrupted.")
-    if failed:
-        detail = "; ".join(
-            f"#{j['num']} ({' '.join(j['overrides'])}): {str(j.get('error')).rstrip('.')}"
-            for j in failed
-        )
-        words.append(f"{len(failed)} job(s) of the sweep failed: {detail}.")
-    if "Optuna" in str(summary.get("sweeper")):
-        how = "finished trials are kept, and new trials replace the interrupted ones"
-    else:
-        how = "finished jobs are kept, interrupted ones continue from their checkpoints"
-    words.append(f"Details in {record}. Continue the sweep with: {summary['resume']} ({how}).")
-    print("error: " + " ".join(words), file=sys.stderr)
-    raise SystemExit(1 if signum is None else 128 + signum)
 
 
 def _point_resume_at_its_run() -> None:

@@ -458,6 +458,55 @@ def sweep_status(record: dict[str, Any]) -> str:
     return "died" if status == "running" and not launcher_alive(record) else status
 
 
+def run_and_report(hydra_main: Any) -> None:
+    """For an entry point: run its Hydra main, then report every sweep it ran (see report).
+
+    SweepStopped and RECORDS are looked up here, in this module, at the moment they are
+    needed: Hydra's plugin scan re-executes the module, so names imported before it are stale.
+    """
+    try:
+        hydra_main()
+    except SweepStopped as stopped:
+        report(stopped.record, stopped.signum)
+    for record in RECORDS:
+        report(record)
+
+
+def report(record: Path, signum: int | None = None) -> None:
+    """One paragraph, and exit 128 + signum (stopped by a signal) or 1 (jobs failed or were
+    interrupted), naming the command that continues the sweep; nothing if every job finished."""
+    summary = json.loads(record.read_text())
+    jobs = list(summary["jobs"].values())
+    count = {s: sum(j["status"] == s for j in jobs) for s in ("interrupted", "pending")}
+    count["finished"] = sum(j["status"] in ("finished", "pruned") for j in jobs)
+    failed = [j for j in jobs if j["status"] == "failed"]
+    # dropped: left by an earlier run, and not asked for again (see SweepRecord.close)
+    if signum is None and all(j["status"] in ("finished", "pruned", "dropped") for j in jobs):
+        return
+    words = []
+    if signum is not None:
+        words.append(
+            f"the sweep was stopped by {signal.Signals(signum).name}: of its {len(jobs)} jobs, "
+            f"{count['finished']} finished, {count['interrupted']} were interrupted (each "
+            f"saved a checkpoint) and {count['pending']} had not started."
+        )
+    elif count["interrupted"]:
+        words.append(f"{count['interrupted']} job(s) of the sweep were interrupted.")
+    if failed:
+        detail = "; ".join(
+            f"#{j['num']} ({' '.join(j['overrides'])}): {str(j.get('error')).rstrip('.')}"
+            for j in failed
+        )
+        words.append(f"{len(failed)} job(s) of the sweep failed: {detail}.")
+    if "Optuna" in str(summary.get("sweeper")):
+        how = "finished trials are kept, and new trials replace the interrupted ones"
+    else:
+        how = "finished jobs are kept, interrupted ones continue from their checkpoints"
+    words.append(f"Details in {record}. Continue the sweep with: {summary['resume']} ({how}).")
+    print("error: " + " ".join(words), file=sys.stderr)
+    raise SystemExit(1 if signum is None else 128 + signum)
+
+
 def stop_with_parent() -> None:
     """In a job of a sweep: SIGTERM when the sweep's process dies (killed outright, say), so
     that the job saves its checkpoint and stops rather than training on as an orphan.

@@ -106,14 +106,16 @@ def test_unusable_log_or_data_dir_is_one_line(tmp_path, args):
 def test_commands_that_run_nothing_leave_no_directories(tmp_path):
     work, scratch = tmp_path / "work", tmp_path / "tmp"
     work.mkdir(), scratch.mkdir()
-    for args in (
-        ("--help",),
-        ("--cfg", "job"),
-        ("-m", "optimizer.lr=1e-3,2e-3", "--dry-run"),
-        ("optimizer.lrr=1",),  # rejected
+    for args, code in (
+        (("--help",), 0),
+        (("--cfg", "job"), 0),
+        (("-m", "optimizer.lr=1e-3,2e-3", "--dry-run"), 0),
+        (("hydra.mode=MULTIRUN", "optimizer.lr=1e-3,2e-3", "--dry-run"), 0),
+        (("optimizer.lrr=1",), 2),  # refused: no such key
+        (("optimizer.lr=1e-3,2e-3",), 2),  # refused: a sweep without -m
     ):
         result = run_cli("trainlab.train", *args, cwd=work, env={"TMPDIR": str(scratch)})
-        assert result.returncode == (2 if "optimizer.lrr=1" in args else 0), result.stderr
+        assert result.returncode == code, result.stderr
     result = run_cli("trainlab.eval", cwd=work)  # no ckpt_path
     assert result.returncode == 2 and "ckpt_path must be given" in result.stderr
     assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []

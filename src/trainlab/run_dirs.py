@@ -37,8 +37,11 @@ def run_dir_arguments(entry: str, argv: list[str]) -> list[str]:
     args = get_args_parser().parse_known_args(argv)[0]
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return []
-    key = f"hydra.{'sweep' if args.multirun else 'run'}.dir"
     cfg = compose(entry, args.overrides, args.config_name)
+    multirun = args.multirun or str(cfg.hydra.mode).endswith("MULTIRUN")  # -m or hydra.mode
+    if not multirun:
+        _refuse_sweeps(args.overrides)
+    key = f"hydra.{'sweep' if multirun else 'run'}.dir"
     _check_required(cfg)
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
@@ -76,6 +79,17 @@ def make_dir(path: Path, key: str) -> None:
         raise UserError(_cannot("create the run directory", path, e, key)) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(_cannot("write to the run directory", path, _denied(), key))
+
+
+def _refuse_sweeps(overrides: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            raise UserError(
+                f"'{o.input_line}' gives several values, which makes a sweep: add -m to run "
+                "one job for each, or give one value."
+            )
 
 
 def _check_required(cfg: Any) -> None:

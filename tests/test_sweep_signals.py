@@ -52,12 +52,13 @@ def sweep_of(cwd: Path) -> Path:
     return sweep
 
 
-def wait_for_checkpoints(cwd: Path, proc: subprocess.Popen, *nums: int) -> Path:
+def wait_for_checkpoints(
+    cwd: Path, proc: subprocess.Popen, *nums: int, sweeps: str = "logs/train/sweeps/*"
+) -> Path:
     """Wait until jobs `nums` of the sweep have each saved a checkpoint; the sweep's dir."""
     deadline = time.monotonic() + 180
-    sweeps = cwd / "logs" / "train" / "sweeps"
     while True:
-        found = [p for n in nums for p in sweeps.glob(f"*/{n}/checkpoints/last.ckpt")]
+        found = [p for n in nums for p in cwd.glob(f"{sweeps}/{n}/checkpoints/last.ckpt")]
         if len(found) == len(nums):
             return found[0].parents[2]
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -226,3 +227,37 @@ def test_second_ctrl_c_stops_at_once(tmp_path):
     assert "killing every job now" in stderr
     statuses = [job["status"] for job in jobs(sweep).values()]
     assert statuses == ["interrupted"] * 2 + ["pending"] * 2
+
+
+@pytest.mark.slow
+def test_stopped_optuna_study_continues_with_resume_auto(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    command = (
+        "-m",
+        "hparams_search=optuna_lr_batch",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.study_name=stopped",
+        "debug=limit",
+        "logger=csv",
+        "test=false",
+        "trainer.max_epochs=30",
+    )
+    proc = start(tmp_path, *command)
+    study_dir = wait_for_checkpoints(tmp_path, proc, 1, sweeps="logs/train/optuna/stopped")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    none_left_in(tmp_path)
+    assert proc.returncode == 130 and "Traceback" not in stderr
+    assert "new trials replace the interrupted ones" in stderr
+    first = (study_dir / "0" / "metrics.json").read_text()
+
+    result = resume(tmp_path, *command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = {num: job["status"] for num, job in jobs(study_dir).items()}
+    assert statuses == {"0": "finished", "1": "dropped", "2": "finished", "3": "finished"}
+    assert (study_dir / "0" / "metrics.json").read_text() == first
+    storage = f"sqlite:///{study_dir / 'optuna.db'}"
+    study = optuna.load_study(study_name="stopped", storage=storage)
+    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3

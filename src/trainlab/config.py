@@ -285,7 +285,10 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             check_hydra_override(o)
-            hydra_overrides.append(o)
+            if "/" in key:  # hydra/launcher=process
+                group_overrides.append(f"{key}={_values(o)[0]}")
+            else:
+                hydra_overrides.append(o)
         elif o.is_delete():
             continue
         elif (CONF_DIR / key).is_dir():
@@ -296,8 +299,8 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
         else:
             key_overrides.append(o)
 
-    base = compose(config_name, group_overrides)
-    tree = _to_tree(base)
+    base = compose(config_name, group_overrides, hydra=True)
+    tree = {k: v for k, v in _to_tree(base).items() if k != "hydra"}
     check_values(base)
     for o in key_overrides:
         key = o.key_or_group
@@ -316,7 +319,7 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
                     f"but '{o.input_line}' gives the text {value!r}."
                 )
             check_value(key, value, f"'{o.input_line}'")
-    _check_whole_config(config_name, group_overrides, key_overrides + hydra_overrides)
+    _check_whole_config(base, key_overrides + hydra_overrides)
 
 
 def _package(o: Any) -> str:
@@ -692,11 +695,21 @@ def _plain(cfg: Any, resolve: bool = False) -> Any:
     return OmegaConf.to_container(cfg, resolve=resolve) if OmegaConf.is_config(cfg) else cfg
 
 
-def _check_whole_config(config_name: str, groups: list[str], overrides: list[Any]) -> None:
-    """Compose what Hydra will compose (hydra.* included, each sweep at its first value) and
-    refuse any code in it that no config file names; then each other value of a sweep."""
-    lines = groups + [o.input_line for o in overrides if not o.is_sweep_override()]
-    full = compose(config_name, lines, hydra=True)
+def _check_whole_config(base: Any, overrides: list[Any]) -> None:
+    """Apply the key overrides to the composed config as Hydra does (hydra.* included, sweeps
+    aside) and refuse any code in the result that no config file names; then check each value
+    of each sweep as its job will get it."""
+    import copy
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.errors import HydraException
+
+    full = copy.deepcopy(base)
+    try:
+        single = [o for o in overrides if not o.is_sweep_override()]
+        ConfigLoaderImpl._apply_overrides_to_config(single, full)
+    except (HydraException, AssertionError) as e:  # OmegaConf asserts on some bad updates
+        raise UserError(f"the configs do not compose: {e}") from None
     found = _unknown_target(_plain(full), known_targets())
     if found:
         path = found[0]

@@ -7,7 +7,8 @@ once per pruner, counting the epochs its trials trained and the best val/acc_bes
 Each study is `hparams_search=optuna_lr_batch` (TPE over the learning rate and the batch size,
 sampler seed 0), one trial at a time so that the sampler's choices repeat, `logger=csv
 test=false`; any further arguments are passed to every study (e.g. trainer.max_epochs=10).
-Prints a Markdown table for bench/RESULTS.md.
+Prints a Markdown table for bench/RESULTS.md. Run again with the same --out, finished studies
+are read, not run again.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from trainlab.commands import override
@@ -42,18 +42,19 @@ def run_study(pruner: str, trials: int, out: Path, extra: list[str]) -> dict:
         override("hydra.sweep.dir", sweep),
         *extra,
     ]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=out, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - started
+    # Run again on the same --out, a finished study is kept as it is (the sweep continues it).
+    subprocess.run(command, cwd=out, stdout=subprocess.DEVNULL)  # a failed trial is counted
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"].values()
     records = [json.loads(p.read_text()) for p in sweep.glob("[0-9]*/metrics.json")]
     finished = [r for r in records if r["status"] == "finished"]
     return {
         "pruner": pruner,
-        "trials": len(records),
+        "trials": len(jobs),
         "pruned": sum(r["status"] == "pruned" for r in records),
+        "failed": sum(j["status"] == "failed" for j in jobs),
         "epochs": sum(r["epochs"] for r in records),
         "best": max(r["val/acc_best"] for r in finished),
-        "wall_s": wall,
+        "trial_s": sum(j.get("duration_s", 0) for j in jobs),
     }
 
 
@@ -71,14 +72,17 @@ def main() -> None:
         row = rows[-1]
         print(f"{pruner}: {row['epochs']} epochs, best {row['best']:.4f}", file=sys.stderr)
     base = rows[0]
-    print("| pruner | trials (pruned) | epochs trained | share | best val/acc_best | wall |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| pruner | trials | pruned | failed | epochs trained | share | best val/acc_best | time |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['pruner']} | {row['trials']} ({row['pruned']}) | {row['epochs']} | "
-            f"{row['epochs'] / base['epochs']:.0%} | {row['best']:.4f} "
-            f"({100 * (row['best'] - base['best']):+.2f} points) | {row['wall_s']:.0f} s |"
+            f"| {row['pruner']} | {row['trials']} | {row['pruned']} | {row['failed']} | "
+            f"{row['epochs']} | {row['epochs'] / base['epochs']:.0%} | {row['best']:.4f} "
+            f"({100 * (row['best'] - base['best']):+.2f} points) | {row['trial_s']:.0f} s |"
         )
+    print("(time: the trials' own durations added up, start-up included)")
     print(f"(studies in {out})")
 
 

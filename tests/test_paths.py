@@ -92,6 +92,7 @@ def test_eval_accepts_a_group_added_with_plus():
         ("hydra.run.dir=blocker",),
         ("paths.data_dir=blocker",),
         ("paths.data_dir=blocker/data",),
+        ("paths.data_dir=" + "x" * 300,),
     ],
 )
 def test_unusable_log_or_data_dir_is_one_line(tmp_path, args):

@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import psutil
 import pytest
 from conftest import child_env
 
-from hydra_plugins.trainlab_sweeps.process_launcher import sweep_status
+from hydra_plugins.trainlab_sweeps.process_launcher import launcher_alive, sweep_status
 from trainlab.commands import override
 from trainlab.compare import compare
 
@@ -261,3 +262,29 @@ def test_stopped_optuna_study_continues_with_resume_auto(tmp_path):
     storage = f"sqlite:///{study_dir / 'optuna.db'}"
     study = optuna.load_study(study_name="stopped", storage=storage)
     assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
+
+
+def test_a_dead_sweep_is_told_from_a_running_one(tmp_path):
+    """sweep.json says "running" until its launcher says otherwise; a reader checks the
+    launcher's process on its own host and its heartbeat from any other."""
+    here = socket.gethostname()
+    sweep = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # trainlab"])
+    record = {"status": "running", "launcher": {"pid": sweep.pid, "host": here}}
+    assert launcher_alive(record) and sweep_status(record) == "running"
+    sweep.kill()
+    time.sleep(0.5)  # killed, not yet reaped: a zombie, dead all the same
+    assert not launcher_alive(record)
+    sweep.wait()
+    assert sweep_status(record) == "died"
+    # a process that got the sweep's pid since is not the sweep
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    record["launcher"]["pid"] = other.pid
+    assert sweep_status(record) == "died"
+    other.kill()
+    other.wait()
+    elsewhere = {"status": "running", "launcher": {"pid": 1, "host": f"not-{here}"}}
+    elsewhere["launcher"]["heartbeat"] = time.time() - 5
+    assert sweep_status(elsewhere) == "running"
+    elsewhere["launcher"]["heartbeat"] = time.time() - 120
+    assert sweep_status(elsewhere) == "died"
+    assert sweep_status({**elsewhere, "status": "interrupted"}) == "interrupted"

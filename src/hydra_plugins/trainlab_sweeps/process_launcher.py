@@ -394,22 +394,25 @@ def same_job(recorded: list[str], overrides: list[str]) -> bool:
 
 def launcher_alive(record: dict[str, Any]) -> bool:
     """Whether the sweep that wrote this sweep.json record still runs. A launcher killed
-    outright leaves "running" behind: on its own host its process is gone, and on any host its
-    heartbeat stops."""
+    outright leaves "running" behind: on its own host its process is gone (checked in /proc),
+    and seen from any other host its heartbeat stops."""
     launcher = record.get("launcher") or {}
-    if record.get("status") != "running" or "heartbeat" not in launcher:
+    if record.get("status") != "running" or "pid" not in launcher:
         return False
-    if time.time() - launcher["heartbeat"] > 6 * HEARTBEAT_S:
+    if launcher.get("host") == socket.gethostname() and Path("/proc").is_dir():
+        return _is_sweep_process(int(launcher["pid"]))
+    return time.time() - launcher.get("heartbeat", 0) < 6 * HEARTBEAT_S
+
+
+def _is_sweep_process(pid: int) -> bool:
+    """Whether `pid` runs, is no zombie (killed, not yet reaped), and is a trainlab command,
+    not another process that got its number since."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
         return False
-    if launcher.get("host") != socket.gethostname():
-        return True
-    try:  # a zombie (killed, not yet reaped by its parent) is dead too
-        fields = Path(f"/proc/{int(launcher['pid'])}/stat").read_text().rsplit(")", 1)[1]
-        return fields.split()[0] != "Z"
-    except OSError:
-        return False
-    except (ValueError, IndexError):
-        return True
+    return state != "Z" and b"trainlab" in command
 
 
 def unfinished_sweep(sweeps_dir: Path, args: list[str]) -> Path | None:

@@ -185,11 +185,34 @@ def fit(cfg, callback: StopAt, ckpt_path: Path | None = None):
     return trainer, model
 
 
-@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+TINY_GPT = (
+    "experiment=char_gpt",
+    "data.block_size=16",
+    "data.batch_size=16",
+    "data.batches_per_epoch=10",
+    "model.net.n_layer=1",
+    "model.net.n_head=2",
+    "model.net.n_embd=32",
+    "model.sample.length=0",
+)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("data.loader=memory", "data.batch_size=128"),
+        ("data.loader=dataloader", "data.num_workers=0", "data.batch_size=128"),
+        TINY_GPT,
+    ],
+    ids=["memory", "dataloader", "text"],
+)
 def test_a_run_resumed_mid_epoch_trains_the_same_batches_to_the_same_weights(
-    compose, tmp_path, loader
+    compose, tmp_path, overrides
 ):
-    cfg = compose(f"data.loader={loader}", "data.num_workers=0", "data.batch_size=128")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    extra = [f"data.path={text}"] if overrides == TINY_GPT else []
+    cfg = compose(*overrides, *extra)
     straight = StopAt(None, tmp_path / "unused.ckpt")
     straight_trainer, reference = fit(cfg, straight)
     steps = len(straight.batches) // 2  # an epoch's
@@ -202,8 +225,11 @@ def test_a_run_resumed_mid_epoch_trains_the_same_batches_to_the_same_weights(
     assert resumed.batches == straight.batches[steps + 3 :]
     for name, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
-    # the resumed epoch's means are over all its batches, as the uninterrupted run's
-    assert model._samples == reference._samples
+    # the resumed epoch's sums and means are over all its batches, as the uninterrupted run's
+    for name in model.SUMS:
+        assert torch.equal(
+            torch.as_tensor(getattr(model, name)), torch.as_tensor(getattr(reference, name))
+        )
     expected = {k: float(v) for k, v in straight_trainer.callback_metrics.items()}
     assert {k: float(v) for k, v in trainer.callback_metrics.items()} == expected
     assert "train/loss_epoch" in expected

@@ -16,11 +16,13 @@ from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import child_env, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from trainlab import checkpoint
@@ -196,6 +198,24 @@ TINY_GPT = (
     "model.sample.length=0",
 )
 
+# image files with random flips, decoded per sample
+FOLDERS = (
+    "data=image_folder",
+    "model=cnn",
+    "data.input_shape=[3,16,16]",
+    "data.batch_size=4",
+    "data.num_workers=0",
+)
+
+
+def write_images(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (root / label).mkdir(parents=True)
+        for i in range(16):
+            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
 
 @pytest.mark.parametrize(
     "overrides",
@@ -203,8 +223,9 @@ TINY_GPT = (
         ("data.loader=memory", "data.batch_size=128"),
         ("data.loader=dataloader", "data.num_workers=0", "data.batch_size=128"),
         TINY_GPT,
+        FOLDERS,
     ],
-    ids=["memory", "dataloader", "text"],
+    ids=["memory", "dataloader", "text", "folders"],
 )
 def test_a_run_resumed_mid_epoch_trains_the_same_batches_to_the_same_weights(
     compose, tmp_path, overrides
@@ -212,6 +233,9 @@ def test_a_run_resumed_mid_epoch_trains_the_same_batches_to_the_same_weights(
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
     extra = [f"data.path={text}"] if overrides == TINY_GPT else []
+    if overrides == FOLDERS:
+        for split in ("train", "val"):
+            write_images(tmp_path / "data" / "images" / split)
     cfg = compose(*overrides, *extra)
     straight = StopAt(None, tmp_path / "unused.ckpt")
     straight_trainer, reference = fit(cfg, straight)

@@ -238,7 +238,7 @@ class ProcessLauncher(Launcher):
         if metrics.get("status") in ("finished", "pruned") and (exit_code == 0 or stopping):
             # pruned: stopped early by Optuna's pruner; a signal after its end loses nothing
             entry["status"] = metrics["status"]
-        elif self._stopping is not None or metrics.get("status") == "interrupted":
+        elif stopping or metrics.get("status") == "interrupted":
             entry["status"] = "interrupted"
             entry["resume"] = self._job_command(job)
         else:

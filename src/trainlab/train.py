@@ -268,7 +268,7 @@ def _point_resume_at_its_sweep() -> None:
     own directory, which Hydra must know before it creates a new one. (A sweep whose directory
     is not new for each run, such as an Optuna study's, continues there anyway.)"""
     args = sys.argv[1:]
-    if "resume=auto" not in args or not {"-m", "--multirun"} & set(args):
+    if "resume=auto" not in args or not {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args):
         return
     if any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in args):
         return  # the sweep to continue is named

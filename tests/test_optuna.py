@@ -88,7 +88,7 @@ def test_a_wrong_pruner_or_storage_is_one_paragraph(tmp_path):
 
 @pytest.mark.slow
 def test_a_free_slot_takes_the_next_trial_before_the_slow_one_ends(tmp_path):
-    # With seed 1 the sampler asks for 30 epochs, then 1 and 1: the short trial's slot
+    # With seed 1 the sampler asks for 60 epochs, then 1 and 1: the short trial's slot
     # takes trial 2 while trial 0 still trains (in lock-step batches it would wait for it).
     result = run_cli(
         "trainlab.train",
@@ -97,16 +97,16 @@ def test_a_free_slot_takes_the_next_trial_before_the_slow_one_ends(tmp_path):
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.study_name=overlap",
         "hydra.sweeper.seed=1",
-        "+hydra.sweeper.params.trainer.max_epochs='choice(30, 1)'",
+        "+hydra.sweeper.params.trainer.max_epochs='choice(60, 1)'",
         "hydra.launcher.n_jobs=2",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "logs" / "train" / "optuna" / "overlap"
     slow, fast, third = load_study("overlap", f"sqlite:///{sweep / STORAGE_FILE}").trials
-    assert (slow.params["trainer.max_epochs"], fast.params["trainer.max_epochs"]) == (30, 1)
+    assert (slow.params["trainer.max_epochs"], fast.params["trainer.max_epochs"]) == (60, 1)
     assert fast.datetime_complete < slow.datetime_complete
-    assert (slow.datetime_complete - third.datetime_start).total_seconds() > 3
+    assert (slow.datetime_complete - third.datetime_start).total_seconds() > 2
     for trial in (slow, fast, third):
         assert trial.state.name == "COMPLETE"
         record = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
@@ -165,7 +165,7 @@ def test_a_grid_sweep_keeps_every_slot_busy(tmp_path):
     result = run_cli(
         "trainlab.train",
         "-m",
-        "trainer.max_epochs=30,1,1",
+        "trainer.max_epochs=60,1,1",
         "logger=csv",
         "test=false",
         "hydra.launcher.n_jobs=2",
@@ -178,4 +178,4 @@ def test_a_grid_sweep_keeps_every_slot_busy(tmp_path):
     def started(num: str) -> float:
         return time.mktime(time.strptime(jobs[num]["started"], "%Y-%m-%d %H:%M:%S"))
 
-    assert started("2") + 3 < started("0") + jobs["0"]["duration_s"]
+    assert started("2") + 2 < started("0") + jobs["0"]["duration_s"]  # to the second

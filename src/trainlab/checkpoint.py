@@ -287,6 +287,7 @@ BOOKKEEPING = (
     "resume_allow_changes",
     "ckpt_path",
     "checkpoint_every_n_steps",
+    "steps_per_call",  # the same weights either way; a resumed run keeps the checkpoint's
     "test",
     "tags",
     "threads",

@@ -27,6 +27,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from trainlab import blocks
+from trainlab.data.memory import Block
 from trainlab.epoch_sums import EpochSums
 from trainlab.errors import UserError
 from trainlab.loggers import log_image
@@ -44,6 +46,10 @@ class Classifier(EpochSums, pl.LightningModule):
     """
 
     SUMS = ("_loss_sum", "_correct", "_samples")  # kept in checkpoints (EpochSums)
+    # Optimizer steps a training_step takes (trainlab.blocks): auto, or a count; train sets it
+    # from the config, and records steps_per_call_choice, what was taken and why.
+    steps_per_call: int | str = 1
+    _steps_per_call = 1
 
     def __init__(
         self,
@@ -122,8 +128,31 @@ class Classifier(EpochSums, pl.LightningModule):
             or bool(trainer.gradient_clip_val)
         )
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before Lightning builds the training loader and the schedule
+            self._steps_per_call, why = blocks.choose(self, self.steps_per_call)
+            self.steps_per_call_choice = {"steps_per_call": self._steps_per_call, "why": why}
+            blocks.apply(self.trainer, self._steps_per_call)
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        if isinstance(batch, Block):
+            return self._train_block(batch, batch_idx)
+        loss = self._train_on(*batch)
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_train_means()  # here, so that callbacks see them at the epoch's end
+        return loss
+
+    def _train_block(self, block: Block, batch_idx: int) -> dict[str, torch.Tensor]:
+        """One optimizer step per batch of the block, exactly as one call per batch would."""
+        losses = [self._train_on(x, y) for x, y in block]
+        # Lightning counts one batch a call; its loggers' step axis counts optimizer steps.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(block) - 1
+        if batch_idx + 1 == self.trainer.num_training_batches:
+            self._log_train_means()
+        # every step's loss, for the NaN/divergence guard (one device sync a block)
+        return {"loss": losses[-1], "losses": torch.stack(losses).detach()}
+
+    def _train_on(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self(x)
         loss = self._loss(logits, y)
         if not self.automatic_optimization:
@@ -133,8 +162,6 @@ class Classifier(EpochSums, pl.LightningModule):
         self._samples += len(y)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when Lightning logs
             self.log("train/loss_step", loss, prog_bar=True, batch_size=len(y))
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self._log_train_means()  # here, so that callbacks see them at the epoch's end
         return loss
 
     def _plain_step(self, loss: torch.Tensor) -> None:
@@ -146,6 +173,10 @@ class Classifier(EpochSums, pl.LightningModule):
         optimizer.step()
         if self.make_scheduler is not None:
             self.lr_schedulers().step()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[blocks.KEY] = self._steps_per_call  # a resumed run keeps its blocks
 
     def on_train_epoch_start(self) -> None:
         self._reset_train_sums()

@@ -120,6 +120,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "optimizer.eps": (lambda v: _is_number(v) and v > 0, "a positive number, e.g. 1e-8"),
     "data.batch_size": (_positive_int, "a positive integer, e.g. 64"),
+    "steps_per_call": (
+        lambda v: v == "auto" or _positive_int(v),
+        "auto or a positive integer (optimizer steps per trip through Lightning's loop), e.g. 8",
+    ),
     "data.num_workers": (
         lambda v: v == "auto" or (_is_int(v) and v >= 0),
         "auto or an integer >= 0 (0: load in the main process)",

@@ -13,7 +13,8 @@ from trainlab.errors import Interrupted, UserError
 
 
 class StopOnSignal(pl.Callback):
-    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice): finish the current step, save
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice): finish the current step (or block of
+    steps_per_call steps), save
     <run dir>/checkpoints/last.ckpt, and stop with a message saying how to resume.
 
     SIGTERM is Lightning's to catch (it also tells the other ranks); SIGINT is caught here so
@@ -92,20 +93,25 @@ class StopOnNonFiniteLoss(pl.Callback):
         self.limit = math.inf
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        value = float(loss)
-        if self.reference is None and math.isfinite(value):
-            self._set_reference(max(abs(value), 1.0))
-        if not abs(value) < self.limit:  # NaN and infinity fail this too
-            self._stop(trainer, value)
+        if isinstance(outputs, dict) and "losses" in outputs:  # a block: one loss a step
+            values = outputs["losses"].tolist()
+        else:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if loss is None:
+                return
+            values = [float(loss)]
+        first_step = trainer.global_step - len(values) + 1
+        for i, value in enumerate(values):
+            if self.reference is None and math.isfinite(value):
+                self._set_reference(max(abs(value), 1.0))
+            if not abs(value) < self.limit:  # NaN and infinity fail this too
+                self._stop(trainer, value, first_step + i)
 
     def _set_reference(self, reference: float) -> None:
         self.reference = reference
         self.limit = self.factor * reference if self.factor is not None else math.inf
 
-    def _stop(self, trainer, value: float) -> None:
+    def _stop(self, trainer, value: float, step: int) -> None:
         grown = (
             f", more than divergence_factor={self.factor:g} times its start "
             f"({self.reference:.4g}): it diverges"
@@ -117,7 +123,7 @@ class StopOnNonFiniteLoss(pl.Callback):
         saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
         raise UserError(
             f"the training loss is {value:.4g} at epoch {trainer.current_epoch}, step "
-            f"{trainer.global_step}{grown} (learning rate {lrs}); {saved}. Lower optimizer.lr, "
+            f"{step}{grown} (learning rate {lrs}); {saved}. Lower optimizer.lr, "
             "clip gradients (+trainer.gradient_clip_val=1.0), or check the data for NaNs."
         )
 

@@ -18,6 +18,12 @@ from trainlab.errors import UserError
 def total_steps(trainer: Any) -> int:
     """The run's number of optimizer steps, which a schedule must know from the start."""
     steps = trainer.estimated_stepping_batches
+    loader = trainer.train_dataloader  # Lightning counts its blocks (steps_per_call) as batches
+    if getattr(loader, "steps_per_call", 1) > 1 and steps != float("inf"):
+        epochs = trainer.max_epochs
+        steps = loader.num_batches * epochs if epochs not in (None, -1) else trainer.max_steps
+        if trainer.max_steps != -1:
+            steps = min(steps, trainer.max_steps)
     if steps == float("inf"):
         raise UserError(
             "a learning-rate schedule needs a run of known length: set trainer.max_epochs "

@@ -81,6 +81,8 @@ def train(
     batch_size, lr = _effective_batch_size_and_lr(cfg, trainer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, lr=lr), scheduler=scheduler)
+    if hasattr(model, "steps_per_call"):  # a Classifier: see trainlab.blocks
+        model.steps_per_call = cfg.get("steps_per_call", "auto")
     if cfg.get("compile"):
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
     config["effective_batch_size"], config["effective_lr"] = batch_size, lr
@@ -125,6 +127,9 @@ def train(
         record.update(run.final_metrics(trainer))
         record["epochs"] = trainer.current_epoch
         record["steps"] = trainer.global_step
+        record["steps_per_call"] = getattr(
+            model, "steps_per_call_choice", {"steps_per_call": 1, "why": "not a Classifier: 1"}
+        )
         record["duration_s"] = round(time.perf_counter() - started, 3)
         if agree.agree is not None:
             record["ranks_agree"] = agree.agree

@@ -20,6 +20,11 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
+class Block(list):
+    """Consecutive training batches that one training_step takes, one optimizer step each
+    (steps_per_call): Lightning's per-step hooks then run once per block, not once per batch."""
+
+
 class MemoryLoader:
     """(x, y) batches of `batch_size` from the tensors `x` and `y`, on their device.
 
@@ -54,8 +59,12 @@ class MemoryLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        steps_per_call: int = 1,
     ):
         self.x, self.y, self.batch_size = x, y, batch_size
+        # Training yields Blocks of this many batches, aligned to the epoch's start (the last
+        # one may be shorter); Lightning then counts blocks as its batches.
+        self.steps_per_call = steps_per_call if train else 1
         self.train, self.augment, self.seed, self.rank = train, augment, seed, rank
         bounds = np.linspace(0, len(x), world_size + 1).round().astype(int).tolist()
         self.start, self.stop = (0, len(x)) if train else (bounds[rank], bounds[rank + 1])
@@ -73,14 +82,30 @@ class MemoryLoader:
     batch_sampler = None  # batches are slices, not lists of indices
 
     def __len__(self) -> int:
+        return -(-self.num_batches // self.steps_per_call)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches (optimizer steps) a pass: len() counts blocks."""
         return -(-len(self.sampler) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator:
         if not self.train:  # contiguous: views of the data, not copies
             for i in range(self.start, self.stop, self.batch_size):
                 j = min(i + self.batch_size, self.stop)
                 yield self.x[i:j], self.y[i:j]
             return
+        if self.steps_per_call == 1:
+            yield from self._train_batches()
+            return
+        block, last = Block(), self.num_batches - 1
+        for batch, xy in self._train_batches(numbered=True):
+            block.append(xy)
+            if (batch + 1) % self.steps_per_call == 0 or batch == last:
+                yield block  # _pass already counts its batches: it waits here while it trains
+                block = Block()
+
+    def _train_batches(self, numbered: bool = False) -> Iterator:
         order = torch.tensor(list(self.sampler), device=self.x.device)
         epoch, first = self._epoch(), 0
         resume, self._resume_at = self._resume_at, None
@@ -88,7 +113,7 @@ class MemoryLoader:
             first = resume["batches"]
         self._pass = [epoch, first]
         generator = self.generator() if self.augment else None
-        for batch in range(len(self)):
+        for batch in range(self.num_batches):
             index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
             if batch < first:  # trained on before the interruption
                 if self.augment is not None:  # augmented again, unused: the stream moves on
@@ -98,7 +123,8 @@ class MemoryLoader:
             if self.augment is not None:
                 x = self.augment(x, generator)
             self._pass[1] = batch + 1  # before the yield: the pass waits there while it trains
-            yield x, self.y.index_select(0, index)
+            xy = x, self.y.index_select(0, index)
+            yield (batch, xy) if numbered else xy
 
     def state_dict(self) -> dict:
         if self._resume_at is not None:  # restored, not yet continued

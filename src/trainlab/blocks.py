@@ -1,0 +1,130 @@
+"""steps_per_call: how many optimizer steps one trip through Lightning's training loop takes.
+
+Lightning's loop costs 0.2 to 1.3 ms a call whatever the step (hook dispatch over every
+callback, progress bookkeeping, logging checks): more than a small net's whole step on a GPU.
+With steps_per_call=N the in-memory loader yields Blocks of N batches and the Classifier takes
+one plain optimizer step per batch inside one training_step, so that cost is paid once per N.
+
+What a user sees stays exact because N divides every interval counted in steps
+(log_every_n_steps, checkpoint_every_n_steps, an integer val_check_interval, max_steps, a
+ModelCheckpoint's every_n_train_steps): those steps always end a block. Whatever counts
+Lightning's batches in a way N cannot fit keeps N = 1, and choose() says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+KEY = "steps_per_call"  # in checkpoints: a resumed run keeps the blocks it was written with
+CALL_S = 0.02  # auto: a call of at least 20 ms, so that Lightning's ~1 ms is under 5% of it
+MOST = 64
+
+
+def choose(module, requested: int | str) -> tuple[int, str]:
+    """(N, why) for this fit of `module` (a Classifier), the same on every rank."""
+    trainer = module.trainer
+    reason = _needs_one(module, trainer)
+    if reason:
+        return 1, reason
+    stored = _stored(trainer.ckpt_path)
+    if stored is not None:
+        return stored, f"as in the checkpoint resumed from ({trainer.ckpt_path})"
+    intervals = _intervals(trainer)
+    fits = [n for n in range(1, MOST + 1) if all(v % n == 0 for v in intervals.values())]
+    if requested == "auto":
+        step_s = trainer.strategy.broadcast(_time_step(module))  # rank 0's, for every rank
+        wanted = math.ceil(CALL_S / step_s)
+        n = next((n for n in fits if n >= wanted), fits[-1])
+        why = f"auto: a step takes {step_s * 1e3:.2f} ms, {wanted} steps make {CALL_S * 1e3:g} ms"
+    else:
+        wanted = int(requested)
+        n = max(f for f in fits if f <= wanted)
+        why = "as set"
+    if n < wanted:
+        named = ", ".join(f"{k}={v}" for k, v in intervals.items())
+        why += f"; {n} is the largest count up to that which divides {named}"
+    return n, why
+
+
+def apply(trainer, n: int) -> None:
+    """Make the training loader yield blocks of n, and count an integer val_check_interval
+    in the blocks that Lightning sees as its batches."""
+    trainer.datamodule.steps_per_call = n
+    if n > 1 and isinstance(trainer.val_check_interval, int):
+        trainer.val_check_interval //= n
+
+
+def _needs_one(module, trainer) -> str | None:
+    """Why this fit must take one step per call, if it must."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    if module.automatic_optimization:
+        return "gradient accumulation and clipping need Lightning's loop: 1"
+    if getattr(trainer.datamodule, "loader", None) != "memory":
+        return "the DataLoader path yields one batch at a time: 1"
+    if trainer.fast_dev_run or trainer.overfit_batches:
+        return "fast_dev_run and overfit_batches count Lightning's batches: 1"
+    if trainer.limit_train_batches != 1.0:
+        return "limit_train_batches counts Lightning's batches: 1"
+    interval = trainer.val_check_interval
+    if not isinstance(interval, int) and interval != 1.0:
+        return "a fractional or timed val_check_interval counts Lightning's batches: 1"
+    for callback in trainer.callbacks:
+        if isinstance(callback, LearningRateMonitor) and callback.logging_interval != "epoch":
+            return "lr_monitor logs the rate before every step: 1"
+    return None
+
+
+def _intervals(trainer) -> dict[str, int]:
+    """Every interval counted in optimizer steps, by the name a user sets it with."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from trainlab.checkpoint import LastCheckpoint
+
+    found = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
+    if isinstance(trainer.val_check_interval, int):
+        found["trainer.val_check_interval"] = trainer.val_check_interval
+    if trainer.max_steps > 0:
+        found["trainer.max_steps"] = trainer.max_steps
+    for callback in trainer.callbacks:
+        if isinstance(callback, LastCheckpoint) and callback.every_n_steps:
+            found["checkpoint_every_n_steps"] = callback.every_n_steps
+        elif isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
+            found["callbacks.checkpoint.every_n_train_steps"] = callback._every_n_train_steps
+    return found
+
+
+def _stored(ckpt_path: str | Path | None) -> int | None:
+    """The N a checkpoint was written with (1 for one written before blocks); None if none."""
+    if not ckpt_path:
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return int(ckpt.get(KEY, 1))
+
+
+def _time_step(module) -> float:
+    """Seconds of one plain step of a copy of the net on a real training batch (the fastest of
+    a few), leaving the model, the optimizer and every random generator as they were."""
+    datamodule = module.trainer.datamodule
+    first = next(iter(datamodule.train_dataloader()))  # its own seeded order: no global draw
+    x, y = first[0] if isinstance(first, list) else first  # a Block, from an earlier fit
+    x, y = datamodule.on_after_batch_transfer((x, y), 0)
+    net = copy.deepcopy(module.net).to(x.device)
+    optimizer = module.make_optimizer(params=net.parameters())
+    cuda = [x.device.index or 0] if x.device.type == "cuda" else []
+    times = []
+    with torch.random.fork_rng(devices=cuda):
+        for _ in range(5):
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            module._loss(net(x), y).backward()
+            optimizer.step()
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            times.append(time.perf_counter() - start)
+    return max(min(times[2:]), 1e-6)  # the first steps warm up

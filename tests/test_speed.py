@@ -104,6 +104,17 @@ def test_each_epoch_line_shows_that_epochs_training_loss(compose, tmp_path, caps
     assert shown == pytest.approx(logged, abs=1e-4)
 
 
+@pytest.fixture
+def allow_test_callbacks(monkeypatch):
+    """Let the run's config build this file's recording callbacks: the allow-list builds only
+    targets that conf/ names, and these exist for the tests alone."""
+    from trainlab import config
+
+    named = config.known_targets()
+    extra = {f"{__name__}.RecordCudaCheck", f"{__name__}.RecordMode"}
+    monkeypatch.setattr(config, "known_targets", lambda: named | extra)
+
+
 class RecordCudaCheck(pl.Callback):
     """Records Lightning's NVML switch as each training step sees it."""
 
@@ -115,7 +126,7 @@ class RecordCudaCheck(pl.Callback):
 
 @pytest.mark.parametrize("model", ["mlp", "char_gpt"])
 def test_cpu_training_uses_torchs_own_cuda_check_and_restores_lightnings(
-    compose, tmp_path, monkeypatch, model
+    compose, tmp_path, monkeypatch, model, allow_test_callbacks
 ):
     monkeypatch.setenv(NVML_CHECK, "1")  # as importing Lightning sets it
     RecordCudaCheck.seen = []
@@ -198,7 +209,9 @@ class RecordMode(pl.Callback):
         RecordMode.seen.append(pl_module.automatic_optimization)
 
 
-def test_the_plain_step_and_lightnings_automatic_one_train_the_same_weights(compose, tmp_path):
+def test_the_plain_step_and_lightnings_automatic_one_train_the_same_weights(
+    compose, tmp_path, allow_test_callbacks
+):
     # Clipping at a norm no gradient reaches changes no gradient, but needs Lightning's
     # automatic optimisation; without it the classifier takes the plain step.
     runs = {"plain": [], "automatic": ["+trainer.gradient_clip_val=1e12"]}

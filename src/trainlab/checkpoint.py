@@ -115,7 +115,7 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
             return
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, quietly
         self._saved_step = trainer.global_step
 
 

@@ -65,7 +65,7 @@ class StopOnSignal(pl.Callback):
 
     def _save_and_stop(self, trainer, signum: int) -> None:
         path = self.ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state, quietly
         name = signal.Signals(signum).name
         self._restore()
         raise Interrupted(

@@ -449,6 +449,7 @@ HYDRA_KEYS = (
     "hydra.launcher.n_jobs",
     "hydra.launcher.gpus_per_job",
     "hydra.launcher.dry_run",
+    "hydra.launcher.warm",
     "hydra.launcher.partition",
     "hydra.launcher.timeout_min",
     "hydra.launcher.nodes",

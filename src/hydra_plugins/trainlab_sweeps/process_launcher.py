@@ -75,11 +75,15 @@ class ProcessLauncher(Launcher):
         n_jobs: int = 1,
         gpus_per_job: int | None = None,
         dry_run: bool = False,
+        warm: bool = True,
     ) -> None:
         self.module = module
         self.n_jobs = max(1, n_jobs)
         self.gpus_per_job = gpus_per_job
         self.dry_run = dry_run
+        self.warm = warm
+        self._server: Any = None  # trainlab.warm.Server: forks the jobs (see _start)
+        self._server_lock = threading.Lock()
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
         self.record: SweepRecord | None = None
@@ -94,6 +98,11 @@ class ProcessLauncher(Launcher):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        if self.warm and not self.dry_run and self._server is None:
+            from trainlab import warm
+
+            if warm.available():  # it imports while Hydra and the sweeper get ready
+                self._server = warm.Server()
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         assert self.config is not None
@@ -213,15 +222,9 @@ class ProcessLauncher(Launcher):
         console_path = job_dir / "console.log"
         with open(console_path, "ab") as console:  # appended to when a job is continued
             offset = console.tell()
-            # A session of its own: a Ctrl-C in the terminal reaches it once, from _on_signal.
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            proc, entry["start"] = self._start(cmd, env, console)
+        entry["pid"] = proc.pid
+        self.record.update(entry)
         self._running[job["num"]] = proc
         if self._stopping is not None:  # the signal came while it started
             _send(proc, self._stopping)
@@ -251,6 +254,36 @@ class ProcessLauncher(Launcher):
             f"{' '.join(job['overrides'])} {shown or entry.get('error', '')}"
         )
         return self._job_return(job, {**metrics, **entry})
+
+    def _start(self, cmd: list[str], env: dict[str, str], console: Any) -> tuple[Any, str]:
+        """The job's process, and how it started: forked by the warm server ("warm": it has
+        imported torch and Lightning already), or a fresh `python -m ...` ("cold"). Either way
+        a session of its own: a Ctrl-C in the terminal reaches it once, from _on_signal."""
+        server = self._warm_server()
+        if server is not None:
+            args = cmd[3:]  # after `python -m <module>`
+            proc = server.start(self.module, args, env, os.getcwd(), console.name)
+            if proc is not None:
+                return proc, "warm"
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=console,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return proc, "cold"
+
+    def _warm_server(self) -> Any:
+        """The fork server once it serves; None (jobs start cold) if it is off or failed."""
+        with self._server_lock:
+            server = self._server
+            if server is not None and not server.ready():
+                error = server.info.get("error") or "its process ended"
+                log.warning(f"Warm start unavailable ({error}): each job starts a fresh process")
+                self._server = server = None
+            return server
 
     def _job_command(self, job: dict[str, Any]) -> str:
         """The command that continues this one job alone, from its checkpoint."""

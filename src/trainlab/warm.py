@@ -1,0 +1,327 @@
+"""Warm job start: a fork server that has imported torch, Lightning and trainlab once, and forks
+one process per job of a sweep, so that a job skips the ~5 s of imports a fresh
+`python -m trainlab.train` pays.
+
+Each job is still a process of its own (own pid, crash, W&B run, CUDA context, process tree),
+and looks like `python -m <module> <args>` from inside: sys.argv, `__main__` and its
+`__spec__` are what `python -m` makes them, so Lightning's DDP launcher re-runs the right
+command line in its children. The server never initialises CUDA (checked before it serves).
+
+The launcher (hydra_plugins/trainlab_sweeps/process_launcher.py) starts the server with
+`Server()`, in a session of its own, and talks to it over a socket pair, one JSON line a
+message: a job to start (argv, environment, cwd, console file), answered with its pid, and
+later with its exit code (the server is the job's parent, and reaps it). The server exits
+when the socket closes, that is when the launcher's process ends however it ends; its jobs
+then get SIGTERM from the kernel (stop_with_parent, with the server as their parent).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Imported once in the server: what every job imports (the project's modules themselves are
+# cheap, torch and Lightning are not), and scikit-learn for the default digits data.
+PRELOAD = ("torch", "lightning.pytorch", "torchmetrics", "sklearn.model_selection")
+_STARTUP_ENV = dict(os.environ)  # the server's environment before its imports changed it
+
+
+def available() -> bool:
+    """Forking a process that has imported torch is safe on Linux; elsewhere jobs start cold."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
+# --------------------------------------------------------------------------- launcher side
+
+
+class Server:
+    """The launcher's handle on a fork server: `start()` a job, get a Popen-like WarmJob."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        env["PYTHONUNBUFFERED"] = "1"  # the jobs' stdout and stderr, as for a cold job
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainlab.warm", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the jobs through here
+        )
+        theirs.close()
+        self._sock = ours
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._gone = False
+        self.info: dict[str, Any] = {}  # the server's ready message
+        self._requests: dict[int, WarmJob] = {}
+        self._jobs: dict[int, WarmJob] = {}  # by pid
+        self._next = 0
+        threading.Thread(target=self._read, daemon=True, name="warm-server").start()
+
+    def ready(self, timeout: float = 300) -> bool:
+        """Whether the server has imported everything and serves (False: it failed)."""
+        self._ready.wait(timeout)
+        return self.info.get("ready") is True and not self._gone
+
+    def start(self, module: str, args: list[str], env: dict[str, str], cwd: str, console: str):
+        """Fork a job that runs `python -m module *args`; its WarmJob, or None if the server
+        is gone (the caller then starts the job cold)."""
+        job = WarmJob(self)
+        with self._lock:
+            if self._gone:
+                return None
+            self._next += 1
+            self._requests[self._next] = job
+            request = {"id": self._next, "module": module, "args": args, "env": env}
+            request.update(cwd=cwd, console=console)
+        try:
+            with self._send_lock:
+                self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError:
+            return None
+        job.started.wait()
+        return job if job.pid is not None else None
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                self._on_message(json.loads(line))
+        self._on_server_gone()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        if "ready" in message:
+            self.info = message
+            self._ready.set()
+            return
+        with self._lock:
+            if "id" in message:  # a job has started
+                job = self._requests.pop(message["id"])
+                job.pid = message["pid"]
+                self._jobs[job.pid] = job
+                job.started.set()
+            else:  # a job has ended
+                job = self._jobs.pop(message["pid"], None)
+                if job is not None:
+                    job.returncode = message["exit"]
+                    job.ended.set()
+
+    def _on_server_gone(self) -> None:
+        """The server died (or failed to start): requests fail over to cold starts, and
+        running jobs, which the kernel told to stop, are waited for by their pids."""
+        with self._lock:
+            self._gone = True
+            for job in self._requests.values():
+                job.started.set()
+            self._requests.clear()
+            orphans = list(self._jobs.values())
+            self._jobs.clear()
+        self._ready.set()
+        for job in orphans:
+            threading.Thread(target=job.wait_orphaned, daemon=True).start()
+
+
+class WarmJob:
+    """What the launcher needs of subprocess.Popen, for a process the server forked."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.started = threading.Event()
+        self.ended = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int:
+        self.ended.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def wait_orphaned(self) -> None:
+        """Its exit code is lost with the server: wait until the process is gone."""
+        while _alive(self.pid):
+            time.sleep(0.2)
+        self.returncode = 1
+        self.ended.set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (ended, not yet reaped by its new parent) is gone too
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# --------------------------------------------------------------------------- server side
+
+
+def serve(sock: socket.socket) -> dict[str, Any] | None:
+    """The server's loop. Returns only in a forked job (the job to run), or None when the
+    launcher has gone."""
+    _preload()
+    wakeup_r, wakeup_w = os.pipe()
+    os.set_blocking(wakeup_r, False)
+    os.set_blocking(wakeup_w, False)
+    signal.set_wakeup_fd(wakeup_w)  # SIGCHLD wakes select() up
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    import torch
+
+    if torch.cuda.is_initialized():  # forked jobs could not use CUDA: let them start cold
+        _send(sock, {"ready": False, "error": "CUDA was initialised by an import"})
+        return None
+    _send(sock, {"ready": True, "pid": os.getpid(), "modules": len(sys.modules)})
+    buffer = b""
+    while True:
+        readable, _, _ = select.select([sock, wakeup_r], [], [])
+        if wakeup_r in readable:
+            while True:
+                try:
+                    if not os.read(wakeup_r, 4096):
+                        break
+                except BlockingIOError:
+                    break
+            _reap(sock)
+        if sock in readable:
+            data = sock.recv(65536)
+            if not data:
+                return None  # the launcher has gone: so do we; the kernel stops our jobs
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                job = json.loads(line)
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for fd in (wakeup_r, wakeup_w):
+                        os.close(fd)
+                    sock.close()
+                    return job
+                _send(sock, {"id": job["id"], "pid": pid})
+
+
+def _preload() -> None:
+    """Import what jobs import, as they import it: after Hydra has configured logging (a
+    library that finds the root logger bare adds a console handler of its own, which
+    Lightning does, and which a job's output would then show twice)."""
+    import importlib
+    import pkgutil
+
+    import trainlab
+
+    placeholder = logging.NullHandler()
+    logging.getLogger().addHandler(placeholder)
+    modules = [*PRELOAD, *(m.name for m in pkgutil.walk_packages(trainlab.__path__, "trainlab."))]
+    for name in modules:
+        if name != __spec__.name:
+            try:
+                importlib.import_module(name)
+            except Exception:  # an optional dependency missing: the job that needs it says so
+                pass
+    logging.getLogger().removeHandler(placeholder)
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(sock, {"pid": pid, "exit": os.waitstatus_to_exitcode(status)})
+
+
+def _send(sock: socket.socket, message: dict[str, Any]) -> None:
+    try:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+    except OSError:
+        pass  # the launcher has gone; the next recv says so
+
+
+def run_job(job: dict[str, Any]) -> None:
+    """In the forked child: become `python -m <module> <args>` in a fresh process's state,
+    with the job's session, output, directory and environment, and run it. Its SystemExit
+    (or exception) ends the process as it would end a cold one, atexit handlers included."""
+    import runpy
+
+    from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV
+
+    server = os.getppid()
+    os.setsid()  # a session of its own, as a cold job has: signals reach it from the launcher
+    os.chdir(job["cwd"])
+    console = os.open(job["console"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(console, 1)
+    os.dup2(console, 2)
+    os.close(console)
+    imported = {k: v for k, v in os.environ.items() if k not in _STARTUP_ENV}
+    os.environ.clear()
+    os.environ.update({**job["env"], **imported})  # e.g. Lightning's NVML check, set at import
+    os.environ[PARENT_ENV] = str(server)  # its jobs' parent: they stop when the server dies
+    _fresh_state()
+    sys.argv = [job["module"], *job["args"]]
+    sys.orig_argv = [sys.executable, "-m", job["module"], *job["args"]]
+    sys.modules.pop(job["module"], None)  # run afresh as __main__, as `python -m` does
+    runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
+
+
+def _fresh_state() -> None:
+    """What a fork shares with the server and its other jobs, and a fresh process would not."""
+    import numpy as np
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    # Python's `random` reseeds itself in a forked child; numpy's and torch's generators would
+    # otherwise start every job from the server's state (a job with a seed sets its own).
+    np.random.seed()
+    torch.seed()
+    GlobalHydra.instance().clear()  # the job's hydra.main initialises it
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    job = serve(sock)
+    if job is not None:
+        run_job(job)
+
+
+if __name__ == "__main__":
+    main()

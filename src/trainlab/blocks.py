@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,9 +30,6 @@ def choose(module, requested: int | str) -> tuple[int, str]:
     reason = _needs_one(module, trainer)
     if reason:
         return 1, reason
-    stored = _stored(trainer.ckpt_path)
-    if stored is not None:
-        return stored, f"as in the checkpoint resumed from ({trainer.ckpt_path})"
     intervals = _intervals(trainer)
     fits = [n for n in range(1, MOST + 1) if all(v % n == 0 for v in intervals.values())]
     if requested == "auto":
@@ -51,12 +47,22 @@ def choose(module, requested: int | str) -> tuple[int, str]:
     return n, why
 
 
-def apply(trainer, n: int) -> None:
-    """Make the training loader yield blocks of n, and count an integer val_check_interval
-    in the blocks that Lightning sees as its batches."""
+def apply(trainer, n: int, before: int = 1) -> None:
+    """Make the training loader yield blocks of n (in place of `before`), and count an integer
+    val_check_interval in the blocks that Lightning sees as its batches."""
     trainer.datamodule.steps_per_call = n
-    if n > 1 and isinstance(trainer.val_check_interval, int):
-        trainer.val_check_interval //= n
+    if isinstance(trainer.val_check_interval, int):
+        trainer.val_check_interval = trainer.val_check_interval * before // n
+
+
+def resumed(choice: dict, stored: int | None) -> dict | None:
+    """The choice for a run resumed from a checkpoint written with `stored` steps a call (None:
+    written before blocks, so 1): that one, as Lightning's restored counters count its calls;
+    None to keep `choice`."""
+    stored = stored or 1
+    if stored == choice["steps_per_call"] or choice["why"].endswith(": 1"):
+        return None  # the same, or this run cannot take blocks at all
+    return {"steps_per_call": stored, "why": "as in the checkpoint resumed from"}
 
 
 def _needs_one(module, trainer) -> str | None:
@@ -89,6 +95,8 @@ def _intervals(trainer) -> dict[str, int]:
     found = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
     if isinstance(trainer.val_check_interval, int):
         found["trainer.val_check_interval"] = trainer.val_check_interval
+        # and the epoch's length: a shorter last block would end on a check of its own
+        found["the epoch's batches"] = trainer.datamodule.train_dataloader().num_batches
     if trainer.max_steps > 0:
         found["trainer.max_steps"] = trainer.max_steps
     for callback in trainer.callbacks:
@@ -97,14 +105,6 @@ def _intervals(trainer) -> dict[str, int]:
         elif isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
             found["callbacks.checkpoint.every_n_train_steps"] = callback._every_n_train_steps
     return found
-
-
-def _stored(ckpt_path: str | Path | None) -> int | None:
-    """The N a checkpoint was written with (1 for one written before blocks); None if none."""
-    if not ckpt_path:
-        return None
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return int(ckpt.get(KEY, 1))
 
 
 def _time_step(module) -> float:

@@ -176,7 +176,18 @@ class Classifier(EpochSums, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint[blocks.KEY] = self._steps_per_call  # a resumed run keeps its blocks
+        checkpoint[blocks.KEY] = self._steps_per_call
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # A run resumed mid-epoch keeps its blocks; this comes after setup and before Lightning
+        # builds the training loader.
+        choice = getattr(self, "steps_per_call_choice", None)
+        if choice is not None and self.trainer.state.fn == "fit":
+            kept = blocks.resumed(choice, checkpoint.get(blocks.KEY))
+            if kept is not None:
+                blocks.apply(self.trainer, kept["steps_per_call"], before=self._steps_per_call)
+                self._steps_per_call, self.steps_per_call_choice = kept["steps_per_call"], kept
 
     def on_train_epoch_start(self) -> None:
         self._reset_train_sums()

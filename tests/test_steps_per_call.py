@@ -85,8 +85,9 @@ def test_blocks_of_four_train_the_same_weights_steps_and_schedule(compose):
     # the cosine schedule stepped after every optimizer step, through the same rates
     assert len(four.lrs) == 2 * PER_EPOCH and four.lrs == one.lrs
     assert len(set(one.lrs)) > PER_EPOCH  # it did move
-    # Lightning's loop ran once a block: 6 calls an epoch, the last one a single step
-    assert four.call_ends[:6] == [4, 8, 12, 16, 20, 21]
+    # Lightning's loop ran once a block, 7 calls an epoch: blocks end on every multiple of 4
+    # of the run's steps, one is split where none falls (1; 22) and epochs end (21, 42)
+    assert four.call_ends == [1, 4, 8, 12, 16, 20, 21, 22, 24, 28, 32, 36, 40, 42]
 
 
 def test_auto_records_its_measured_choice_and_trains_the_same(compose):
@@ -115,13 +116,13 @@ def test_a_run_resumed_at_a_step_that_is_not_a_multiple_of_n_ends_as_one_uninter
     cfg = compose()
     straight = fit(cfg, 1, Record())
     ckpt = tmp_path / "mid.ckpt"
-    stop_at = PER_EPOCH + 8  # 29: two blocks into the second epoch, not a multiple of 4
+    stop_at = PER_EPOCH + 1  # 22: one step into the second epoch, not a multiple of 4
     fit(cfg, 4, Record(stop_at, ckpt))
     assert torch.load(ckpt, weights_only=True)["global_step"] == stop_at
     resumed_record = Record()
     resumed = fit(cfg, 4, resumed_record, ckpt_path=ckpt)
     assert resumed[1].steps_per_call_choice["steps_per_call"] == 4
-    assert resumed_record.call_ends == [33, 37, 41, 42]  # the rest of the epoch, in blocks
+    assert resumed_record.call_ends == [24, 28, 32, 36, 40, 42]  # the rest of the epoch
     assert_same_run(straight, resumed)
 
 

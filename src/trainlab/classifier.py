@@ -207,7 +207,17 @@ class Classifier(EpochSums, pl.LightningModule):
         means = {"train/loss_epoch": self._loss_sum / samples, "train/acc": self._correct / samples}
         for name, value in means.items():
             shown = name == "train/loss_epoch"
-            self.log(name, value, on_step=False, on_epoch=True, prog_bar=shown, sync_dist=True)
+            # batch_size=1: logged once, the mean as it is (Lightning would weight it by the
+            # size of the batch at hand, and round differently for each)
+            self.log(
+                name,
+                value,
+                on_epoch=True,
+                on_step=False,
+                prog_bar=shown,
+                sync_dist=True,
+                batch_size=1,
+            )
         self._means_logged = True
 
     def on_train_start(self) -> None:

@@ -62,8 +62,8 @@ class MemoryLoader:
         steps_per_call: int = 1,
     ):
         self.x, self.y, self.batch_size = x, y, batch_size
-        # Training yields Blocks of this many batches, aligned to the epoch's start (the last
-        # one may be shorter); Lightning then counts blocks as its batches.
+        # Training yields Blocks of up to this many batches (see _block_ends); Lightning then
+        # counts blocks as its batches.
         self.steps_per_call = steps_per_call if train else 1
         self.train, self.augment, self.seed, self.rank = train, augment, seed, rank
         bounds = np.linspace(0, len(x), world_size + 1).round().astype(int).tolist()
@@ -82,7 +82,9 @@ class MemoryLoader:
     batch_sampler = None  # batches are slices, not lists of indices
 
     def __len__(self) -> int:
-        return -(-self.num_batches // self.steps_per_call)
+        n, batches = self.steps_per_call, self.num_batches
+        # blocks that fit whole epochs; else one more than the fewest, for every epoch alike
+        return batches // n if batches % n == 0 else -(-batches // n) + 1
 
     @property
     def num_batches(self) -> int:
@@ -98,12 +100,26 @@ class MemoryLoader:
         if self.steps_per_call == 1:
             yield from self._train_batches()
             return
-        block, last = Block(), self.num_batches - 1
+        ends, block = set(self._block_ends()), Block()
         for batch, xy in self._train_batches(numbered=True):
             block.append(xy)
-            if (batch + 1) % self.steps_per_call == 0 or batch == last:
+            if batch + 1 in ends:
                 yield block  # _pass already counts its batches: it waits here while it trains
                 block = Block()
+
+    def _block_ends(self) -> list[int]:
+        """Where this epoch's blocks end, in batches: on every multiple of steps_per_call of the
+        run's steps (epochs before this one had num_batches each), so that intervals counted in
+        steps end blocks in every epoch; and len(self) blocks, as Lightning counts on, by
+        splitting a block where no multiple falls, when the epoch holds one fewer."""
+        n, batches = self.steps_per_call, self.num_batches
+        first = -self._epoch() * batches % n or n
+        ends = [*range(first, batches, n), batches]
+        if len(ends) < len(self):
+            starts = [0, *ends[:-1]]
+            split = next(s for s, e in zip(starts, ends, strict=True) if e - s > 1)
+            ends.insert(starts.index(split), split + 1)
+        return ends
 
     def _train_batches(self, numbered: bool = False) -> Iterator:
         order = torch.tensor(list(self.sampler), device=self.x.device)

@@ -197,7 +197,7 @@ class StepTimer(Callback):
     def __init__(self, warmup: int, steps: int, device: str = "cpu"):
         self.warmup, self.steps, self.device = warmup, steps, device
         self.seconds, self.samples, self.counted = 0.0, 0, 0
-        self._previous: tuple[float, int, int] | None = None  # time, batch_idx, batch size
+        self._previous: tuple[float, int, int, int] | None = None  # time, batch_idx, samples, steps
         StepTimer.last = self
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -208,8 +208,10 @@ class StepTimer(Callback):
         if self._previous is not None and batch_idx == self._previous[1] + 1:
             self.seconds += now - self._previous[0]
             self.samples += self._previous[2]
-            self.counted += 1
-        self._previous = (now, batch_idx, len(batch[1]))
+            self.counted += self._previous[3]
+        # a call takes one batch, or a block of them (steps_per_call): samples and steps
+        pairs = batch if isinstance(batch, list) else [batch]
+        self._previous = (now, batch_idx, sum(len(y) for _, y in pairs), len(pairs))
         if self.counted >= self.steps:
             trainer.should_stop = True
 
@@ -236,7 +238,8 @@ def template(case: Case, warmup: int, steps: int, *extra: str) -> float:
     knobs.append("+trainer.limit_val_batches=0")
     cfg = compose(*case.overrides(), timer, *knobs, *extra)
     with tempfile.TemporaryDirectory() as run_dir, quiet():
-        train(cfg, run_dir)
+        record = train(cfg, run_dir)
+    template.steps_per_call = record["steps_per_call"]["steps_per_call"]  # the last run's
     return StepTimer.last.rate
 
 
@@ -401,19 +404,28 @@ def plan(case: Case, seconds: float, min_steps: int) -> tuple[int, int]:
 
 def throughput(cases: list[Case], seconds: float, rounds: int, min_steps: int) -> list[float]:
     print("\n## Throughput (training samples per second, best of rounds)\n")
-    print("| case | floor | raw loop | template | template/raw | template/floor |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("The template with one optimizer step per call of Lightning's loop (steps_per_call=1),")
+    print("and with its default, steps_per_call=auto (N: what auto chose).\n")
+    print(
+        "| case | floor | raw loop | template, 1 step a call | template, auto | N "
+        "| 1 step a call / raw | template/raw | template/floor |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     ratios = []
     for case in cases:
         warmup, steps = plan(case, seconds, min_steps)
-        rates = {"floor": [], "raw": [], "template": []}
+        rates = {"floor": [], "raw": [], "one": [], "template": []}
         for _ in range(rounds):
             rates["floor"].append(floor(case, warmup, steps))
             rates["raw"].append(raw(case, warmup, steps))
+            rates["one"].append(template(case, warmup, steps, "steps_per_call=1"))
             rates["template"].append(template(case, warmup, steps))
-        f, r, t = (max(rates[k]) for k in ("floor", "raw", "template"))
+        f, r, one, t = (max(rates[k]) for k in ("floor", "raw", "one", "template"))
         ratios.append(t / r)
-        print(f"| {case.name} | {f:,.0f} | {r:,.0f} | {t:,.0f} | {t / r:.2f} | {t / f:.2f} |")
+        print(
+            f"| {case.name} | {f:,.0f} | {r:,.0f} | {one:,.0f} | {t:,.0f} "
+            f"| {template.steps_per_call} | {one / r:.2f} | {t / r:.2f} | {t / f:.2f} |"
+        )
     return ratios
 
 
@@ -423,6 +435,7 @@ def overhead(case: Case, seconds: float, rounds: int) -> None:
     warmup, steps = plan(case, seconds, min_steps=100)
     variants = {  # name: (overrides, progress bar drawn as in a terminal)
         "defaults (CSV logger)": ([], None),
+        "steps_per_call=1 (Lightning's loop every step)": (["steps_per_call=1"], None),
         "logger=wandb (offline)": (["logger=wandb"], None),
         "callbacks=none": (["callbacks=none"], None),
         "+trainer.enable_model_summary=false": (["+trainer.enable_model_summary=false"], None),

@@ -31,9 +31,11 @@ def test_quick_benchmark_ends_with_the_smallest_ratio_of_its_table(tmp_path):
     rows = [[c.strip() for c in x.split("|")[1:-1]] for x in lines if re.match(r"\| \w+ \w+ bs", x)]
     assert [row[0] for row in rows] == CASES
     ratios = []
-    for name, floor, raw, template, ratio, _ in rows:
+    for name, floor, raw, one, template, n, one_ratio, ratio, _ in rows:
         floor, raw, template = (float(v.replace(",", "")) for v in (floor, raw, template))
         assert min(floor, raw, template) > 0, name
         assert float(ratio) == pytest.approx(template / raw, abs=0.01), name
+        one = float(one.replace(",", ""))  # steps_per_call=1, beside auto's choice n
+        assert float(one_ratio) == pytest.approx(one / raw, abs=0.01) and int(n) >= 1, name
         ratios.append(float(ratio))
     assert lines[-1] == f"min template/raw ratio: {min(ratios):.2f}"

@@ -1,0 +1,123 @@
+"""Warm job start (trainlab.warm): a sweep's jobs fork from a server that has imported torch and
+Lightning, each still a process of its own. Real sweeps, real processes, real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import child_env, run_cli
+
+FAST = ("debug=limit", "logger=csv", "test=false")
+
+
+def sweep_record(cwd: Path) -> dict:
+    (path,) = cwd.glob("logs/train/sweeps/*/sweep.json")
+    return json.loads(path.read_text())
+
+
+def metrics(job: dict) -> dict:
+    return json.loads((Path(job["dir"]) / "metrics.json").read_text())
+
+
+def test_warm_jobs_are_processes_of_their_own(tmp_path):
+    # three jobs of one setting, without a seed: each must draw its own initial weights
+    args = ("-m", "seed=null", "optimizer.lr=1e-3,0.001,1e-3", *FAST)
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = sweep_record(tmp_path)
+    jobs = list(record["jobs"].values())
+    assert [job["start"] for job in jobs] == ["warm"] * 3
+    pids = {job["pid"] for job in jobs}
+    assert len(pids) == 3 and record["launcher"]["pid"] not in pids
+    for job in jobs:
+        assert job["status"] == "finished" and job["exit_code"] == 0
+        run = metrics(job)
+        assert run["status"] == "finished" and run["epochs"] == 2
+        # its own output, in its own console.log, the run's config first
+        console = (Path(job["dir"]) / "console.log").read_text()
+        assert console.startswith("config") and "Trainer.fit` stopped" in console
+    # not the server's random state in each (forked processes share it unless reseeded)
+    assert len({metrics(job)["train/loss"] for job in jobs}) == 3
+
+
+def test_warm_false_starts_each_job_cold(tmp_path):
+    args = ("-m", "optimizer.lr=1e-3", *FAST, "hydra.launcher.warm=false")
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = sweep_record(tmp_path)["jobs"].values()
+    assert job["start"] == "cold" and job["status"] == "finished"
+
+
+def test_a_job_that_crashes_leaves_the_others_finished(tmp_path):
+    """#1 dies of a segmentation fault mid-run; #0 finished before it, #2 starts after it from
+    the same server."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainlab.train", "-m", "trainer.max_epochs=2,60,2", *FAST],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob("logs/train/sweeps/*/1/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    job = sweep_record(tmp_path)["jobs"]["1"]
+    assert job["status"] == "running" and job["start"] == "warm"
+    os.kill(job["pid"], signal.SIGSEGV)
+    _, stderr = proc.communicate(timeout=180)
+
+    assert proc.returncode == 1
+    assert "1 job(s) of the sweep failed: #1 (trainer.max_epochs=60" in stderr
+    record = sweep_record(tmp_path)
+    statuses = {num: job["status"] for num, job in record["jobs"].items()}
+    assert statuses == {"0": "finished", "1": "failed", "2": "finished"}
+    crashed = record["jobs"]["1"]
+    assert crashed["exit_code"] == -signal.SIGSEGV
+    assert crashed["error"].startswith(f"exit code {-signal.SIGSEGV}")
+    assert not (Path(crashed["dir"]) / "metrics.json").exists()  # it really died mid-run
+    assert record["jobs"]["2"]["start"] == "warm"  # the server outlived the crash
+
+
+@pytest.mark.slow
+def test_a_ddp_job_in_a_warm_sweep_finishes(tmp_path):
+    """Lightning's DDP launcher starts rank 1 as `python -m trainlab.train <the job's args>`."""
+    args = ("-m", "trainer=ddp_cpu", "trainer.devices=2", "optimizer.lr=1e-3,2e-3", *FAST)
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job in sweep_record(tmp_path)["jobs"].values():
+        assert job["start"] == "warm" and job["status"] == "finished"
+        run = metrics(job)
+        assert run["status"] == "finished" and run["world_size"] == 2 and run["ranks_agree"]
+
+
+def test_the_server_goes_with_its_sweep(tmp_path):
+    """SIGKILL to the sweep: the server exits, and its jobs stop as a signalled run does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainlab.train", "-m", "trainer.max_epochs=60", *FAST],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob("logs/train/sweeps/*/0/checkpoints/last.ckpt")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    job = sweep_record(tmp_path)["jobs"]["0"]
+    server = psutil.Process(job["pid"]).parent()
+    assert server.pid != proc.pid and "trainlab.warm" in server.cmdline()
+    proc.kill()
+    proc.wait()
+    psutil.wait_procs([server, psutil.Process(job["pid"])], timeout=60)
+    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    assert metrics(job)["status"] == "interrupted"
+    assert "stopped by SIGTERM" in (Path(job["dir"]) / "console.log").read_text()

@@ -21,8 +21,8 @@ def sweep_record(cwd: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def metrics(job: dict) -> dict:
-    return json.loads((Path(job["dir"]) / "metrics.json").read_text())
+def metrics(cwd: Path, job: dict) -> dict:
+    return json.loads((cwd / job["dir"] / "metrics.json").read_text())
 
 
 def test_warm_jobs_are_processes_of_their_own(tmp_path):
@@ -37,13 +37,13 @@ def test_warm_jobs_are_processes_of_their_own(tmp_path):
     assert len(pids) == 3 and record["launcher"]["pid"] not in pids
     for job in jobs:
         assert job["status"] == "finished" and job["exit_code"] == 0
-        run = metrics(job)
+        run = metrics(tmp_path, job)
         assert run["status"] == "finished" and run["epochs"] == 2
         # its own output, in its own console.log, the run's config first
-        console = (Path(job["dir"]) / "console.log").read_text()
+        console = (tmp_path / job["dir"] / "console.log").read_text()
         assert console.startswith("config") and "Trainer.fit` stopped" in console
     # not the server's random state in each (forked processes share it unless reseeded)
-    assert len({metrics(job)["train/loss"] for job in jobs}) == 3
+    assert len({metrics(tmp_path, job)["train/loss"] for job in jobs}) == 3
 
 
 def test_warm_false_starts_each_job_cold(tmp_path):
@@ -82,7 +82,7 @@ def test_a_job_that_crashes_leaves_the_others_finished(tmp_path):
     crashed = record["jobs"]["1"]
     assert crashed["exit_code"] == -signal.SIGSEGV
     assert crashed["error"].startswith(f"exit code {-signal.SIGSEGV}")
-    assert not (Path(crashed["dir"]) / "metrics.json").exists()  # it really died mid-run
+    assert not (tmp_path / crashed["dir"] / "metrics.json").exists()  # it really died mid-run
     assert record["jobs"]["2"]["start"] == "warm"  # the server outlived the crash
 
 
@@ -94,7 +94,7 @@ def test_a_ddp_job_in_a_warm_sweep_finishes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for job in sweep_record(tmp_path)["jobs"].values():
         assert job["start"] == "warm" and job["status"] == "finished"
-        run = metrics(job)
+        run = metrics(tmp_path, job)
         assert run["status"] == "finished" and run["world_size"] == 2 and run["ranks_agree"]
 
 
@@ -119,5 +119,5 @@ def test_the_server_goes_with_its_sweep(tmp_path):
     proc.wait()
     psutil.wait_procs([server, psutil.Process(job["pid"])], timeout=60)
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
-    assert metrics(job)["status"] == "interrupted"
-    assert "stopped by SIGTERM" in (Path(job["dir"]) / "console.log").read_text()
+    assert metrics(tmp_path, job)["status"] == "interrupted"
+    assert "stopped by SIGTERM" in (tmp_path / job["dir"] / "console.log").read_text()

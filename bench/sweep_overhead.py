@@ -29,8 +29,10 @@ def env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_SERVICE")}
 
 
-def sweep(warm: bool) -> tuple[float, float, int]:
-    """(wall seconds, sum of the jobs' duration_s, jobs) of one sweep."""
+def sweep(warm: bool) -> tuple[float, float, int, float]:
+    """(wall seconds, sum of the jobs' duration_s, jobs, mean start-and-end of a job after the
+    first) of one sweep. A job's start and end is the launcher's time for it (from starting it
+    to its exit) less its own duration_s: what each further job of a longer sweep costs."""
     command = [sys.executable, "-m", "trainlab.train", *SWEEP, f"hydra.launcher.warm={warm}"]
     with tempfile.TemporaryDirectory() as cwd:
         started = time.perf_counter()
@@ -41,10 +43,13 @@ def sweep(warm: bool) -> tuple[float, float, int]:
         (record,) = Path(cwd).glob("logs/train/sweeps/*/sweep.json")
         jobs = json.loads(record.read_text())["jobs"].values()
         assert {job["start"] for job in jobs} == {"warm" if warm else "cold"}
-        trained = sum(
-            json.loads(Path(cwd, j["dir"], "metrics.json").read_text())["duration_s"] for j in jobs
-        )
-    return wall, trained, len(jobs)
+        own = [json.loads(Path(cwd, j["dir"], "metrics.json").read_text()) for j in jobs]
+        rest = [
+            j["duration_s"] - m["duration_s"]
+            for j, m in zip(jobs, own, strict=True)
+            if j["num"] > 0
+        ]
+    return wall, sum(m["duration_s"] for m in own), len(own), sum(rest) / len(rest)
 
 
 def first_step() -> float:
@@ -65,16 +70,17 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()[0]
     print(f"{os.cpu_count()} cores, load average at start {load:.2f}\n")
-    print("| round | start | sweep wall s | sum of duration_s | overhead per job s |")
-    print("| ---: | --- | ---: | ---: | ---: |")
+    print("| round | start | sweep wall s | sum of duration_s | overhead a job s | later job s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
     overhead: dict[str, list[float]] = {"cold": [], "warm": []}
     for n in range(args.rounds):
         order = (False, True) if n % 2 == 0 else (True, False)
         for warm in order:
-            wall, trained, jobs = sweep(warm)
+            wall, trained, jobs, later = sweep(warm)
             name = "warm" if warm else "cold"
             overhead[name].append((wall - trained) / jobs)
-            print(f"| {n + 1} | {name} | {wall:.1f} | {trained:.1f} | {overhead[name][-1]:.2f} |")
+            row = f"| {n + 1} | {name} | {wall:.1f} | {trained:.1f} | {overhead[name][-1]:.2f} |"
+            print(f"{row} {later:.2f} |", flush=True)
     print()
     for name, values in overhead.items():
         print(f"{name}: overhead per job {min(values):.2f} to {max(values):.2f} s")

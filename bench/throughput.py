@@ -183,6 +183,17 @@ def compose(*overrides: str):
         return hydra_compose("train", overrides=list(overrides))
 
 
+def allow_bench_targets() -> None:
+    """train() builds only the _target_s that conf/ names; the benchmark's timer and model
+    variants live here, in this process: allowed for it alone."""
+    from trainlab import config
+
+    allowed = config.known_targets() | {
+        f"__main__.{name}" for name in ("StepTimer", "LogEveryStep", "MetricEveryStep")
+    }
+    config.known_targets = lambda: allowed
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -726,6 +737,7 @@ def main() -> None:
     min_steps = 10 if args.quick else 30
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    allow_bench_targets()
     run.set_threads("auto")  # what the template's `threads: auto` picks
     allocator = steady_malloc()
     os.environ.setdefault("WANDB_SILENT", "true")

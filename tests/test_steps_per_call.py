@@ -29,8 +29,13 @@ class Record(pl.Callback):
         self.stop_at, self.path = stop_at, path
         self.lrs, self.saved, self.call_ends = [], [], []
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.lrs.append(optimizer.param_groups[0]["lr"])  # before step k: the rate after k - 1
+    def on_train_start(self, trainer, pl_module):
+        # torch's own hook, not Lightning's: one that Lightning dispatches would make blocks
+        # take Lightning's per-step wrappers (trainlab.blocks.direct), which is not the point
+        trainer.optimizers[0].register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])  # the rate of this step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.call_ends.append(trainer.global_step)
@@ -81,6 +86,7 @@ def test_blocks_of_four_train_the_same_weights_steps_and_schedule(compose):
     run_one, run_four = fit(cfg, 1, one), fit(cfg, 4, four)
     assert run_four[1].steps_per_call_choice == {"steps_per_call": 4, "why": "as set"}
     assert_same_run(run_one, run_four)
+    assert run_four[1]._direct is not None  # without Lightning's per-step wrappers
     assert run_one[0].global_step == 2 * PER_EPOCH
     # the cosine schedule stepped after every optimizer step, through the same rates
     assert len(four.lrs) == 2 * PER_EPOCH and four.lrs == one.lrs
@@ -88,6 +94,20 @@ def test_blocks_of_four_train_the_same_weights_steps_and_schedule(compose):
     # Lightning's loop ran once a block, 7 calls an epoch: blocks end on every multiple of 4
     # of the run's steps, one is split where none falls (1; 22) and epochs end (21, 42)
     assert four.call_ends == [1, 4, 8, 12, 16, 20, 21, 22, 24, 28, 32, 36, 40, 42]
+
+
+class BackwardHook(Record):
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.saved.append(trainer.global_step)
+
+
+def test_a_callback_with_per_step_hooks_gets_them_every_step_in_blocks_too(compose):
+    cfg = compose()
+    one, four = BackwardHook(), BackwardHook()
+    reference, blocks = fit(cfg, 1, one, epochs=1), fit(cfg, 4, four, epochs=1)
+    assert blocks[1]._direct is None  # Lightning's wrappers, which call the hook
+    assert four.saved == one.saved == list(range(PER_EPOCH))
+    assert_same_run(reference, blocks)
 
 
 def test_auto_records_its_measured_choice_and_trains_the_same(compose):

@@ -65,6 +65,29 @@ def resumed(choice: dict, stored: int | None) -> dict | None:
     return {"steps_per_call": stored, "why": "as in the checkpoint resumed from"}
 
 
+def direct(module, trainer) -> bool:
+    """Whether a block's steps may skip Lightning's per-step wrappers (manual_backward and its
+    LightningOptimizer: hook dispatch over every callback for on_before/after_backward and
+    on_before_optimizer_step, profiler contexts), about 0.4 ms a step on 2 CPU cores. They do
+    nothing for this run when no callback or module overrides those hooks, one device trains
+    (DDP's backward preparation stays Lightning's) and the precision needs no gradient
+    scaler: the same arithmetic, so the same weights to the bit."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    hooks = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+    for base, objects in ((pl.Callback, trainer.callbacks), (pl.LightningModule, [module])):
+        for obj in objects:
+            if any(getattr(type(obj), h) is not getattr(base, h) for h in hooks):
+                return False
+    precision = trainer.precision_plugin
+    plain = type(precision) is Precision or (
+        type(precision) is MixedPrecision and precision.scaler is None
+    )
+    return plain and type(trainer.strategy) is SingleDeviceStrategy
+
+
 def _needs_one(module, trainer) -> str | None:
     """Why this fit must take one step per call, if it must."""
     from lightning.pytorch.callbacks import LearningRateMonitor

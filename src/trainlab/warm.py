@@ -32,8 +32,6 @@ import time
 import traceback
 from typing import Any
 
-log = logging.getLogger(__name__)
-
 # Imported once in the server, besides every module of the project: what a run of the default
 # experiment imports, torch and Lightning first (the project's own modules import little).
 PRELOAD = (
@@ -223,12 +221,9 @@ def serve(sock: socket.socket) -> dict[str, Any]:
     while True:
         readable, _, _ = select.select([sock, wakeup_r], [], [])
         if wakeup_r in readable:
-            while True:
-                try:
-                    if not os.read(wakeup_r, 4096):
-                        break
-                except BlockingIOError:
-                    break
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wakeup_r, 4096):
+                    pass
             _reap(sock)
         if sock in readable:
             data = sock.recv(65536)
@@ -237,7 +232,7 @@ def serve(sock: socket.socket) -> dict[str, Any]:
             buffer += data
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
-                job = json.loads(line)
+                job = {**json.loads(line), "server": os.getpid()}
                 pid = os.fork()
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
@@ -293,7 +288,6 @@ def run_job(job: dict[str, Any]) -> None:
 
     from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV
 
-    server = os.getppid()
     os.setsid()  # a session of its own, as a cold job has: signals reach it from the launcher
     os.chdir(job["cwd"])
     console = os.open(job["console"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -303,7 +297,7 @@ def run_job(job: dict[str, Any]) -> None:
     imported = {k: v for k, v in os.environ.items() if k not in _STARTUP_ENV}
     os.environ.clear()
     os.environ.update({**job["env"], **imported})  # e.g. Lightning's NVML check, set at import
-    os.environ[PARENT_ENV] = str(server)  # its jobs' parent: they stop when the server dies
+    os.environ[PARENT_ENV] = str(job["server"])  # its jobs' parent: they stop when the server dies
     _fresh_state()
     sys.argv = [job["module"], *job["args"]]
     sys.orig_argv = [sys.executable, "-m", job["module"], *job["args"]]

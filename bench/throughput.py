@@ -184,12 +184,13 @@ def compose(*overrides: str):
 
 
 def allow_bench_targets() -> None:
-    """train() builds only the _target_s that conf/ names; the benchmark's timer and model
-    variants live here, in this process: allowed for it alone."""
+    """train() builds only the _target_s that conf/ names; the benchmark's timers, data and
+    model variants live here, in this process: allowed for it alone."""
     from trainlab import config
 
+    here = vars(sys.modules["__main__"])
     allowed = config.known_targets() | {
-        f"__main__.{name}" for name in ("StepTimer", "LogEveryStep", "MetricEveryStep")
+        f"__main__.{name}" for name, value in here.items() if isinstance(value, type)
     }
     config.known_targets = lambda: allowed
 

@@ -98,6 +98,7 @@ def test_a_ddp_job_in_a_warm_sweep_finishes(tmp_path):
         assert run["status"] == "finished" and run["world_size"] == 2 and run["ranks_agree"]
 
 
+@pytest.mark.slow  # test_sweep_signals kills a (warm) sweep too; this looks at the server
 def test_the_server_goes_with_its_sweep(tmp_path):
     """SIGKILL to the sweep: the server exits, and its jobs stop as a signalled run does."""
     proc = subprocess.Popen(

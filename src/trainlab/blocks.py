@@ -20,7 +20,7 @@ import time
 import torch
 
 KEY = "steps_per_call"  # in checkpoints: a resumed run keeps the blocks it was written with
-CALL_S = 0.02  # auto: a call of at least 20 ms, so that Lightning's ~1 ms is under 5% of it
+CALL_S = 0.05  # auto: a call of at least 50 ms, so that Lightning's ~1 ms is 2% of it or less
 MOST = 64
 
 

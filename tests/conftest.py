@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,16 +50,99 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, **extra}
 
 
-def run_cli(
-    module: str, *args: str, cwd: Path, env: dict | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    """Run `python -m <module> <args>` as a user would, with this interpreter (and `env` added)."""
-    env = child_env(**(env or {}))
-    return subprocess.run(
+# Runs of `python -m trainlab.<entry point>` fork from one warm server (trainlab.warm) that has
+# imported torch, Lightning and the project once for the whole session: each is still a process
+# of its own (own pid, session, signals, exit code) and skips ~5 s of imports. A run with an
+# environment of its own (`env=`), or `cold=True` (what a fresh interpreter does is the point),
+# starts a fresh interpreter; TRAINLAB_TESTS_COLD=1 starts every run so.
+_server = None  # trainlab.warm.Server once started; False where runs start cold
+_outputs = Path(tempfile.mkdtemp(prefix="trainlab-tests-"))  # the warm runs' stdout and stderr
+atexit.register(shutil.rmtree, _outputs, ignore_errors=True)
+
+
+def _warm_server():
+    global _server
+    if _server is None:
+        from trainlab import warm
+
+        wanted = warm.available() and os.environ.get("TRAINLAB_TESTS_COLD") != "1"
+        _server = warm.Server() if wanted else False
+    return _server if _server and _server.ready() else None
+
+
+class WarmProcess:
+    """What the tests use of a text-mode subprocess.Popen, for a run the warm server forked:
+    its stdout and stderr go to files, read by communicate()."""
+
+    def __init__(self, job, stdout: Path, stderr: Path) -> None:
+        self._job, self._stdout, self._stderr = job, stdout, stderr
+        self.pid = job.pid
+        self.args = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._job.returncode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._job.ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        self._job.send_signal(signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self._stdout.read_text(errors="replace"), self._stderr.read_text(errors="replace")
+
+
+def start_cli(
+    module: str, *args: str, cwd: Path, env: dict | None = None, cold: bool = False
+) -> subprocess.Popen | WarmProcess:
+    """Start `python -m <module> <args>` as a user would, stdout and stderr captured as text:
+    forked by the warm server, or with this interpreter anew (cold, or `env` added)."""
+    server = None if cold or env else _warm_server()
+    if server is not None:
+        out = Path(tempfile.mkdtemp(dir=_outputs))
+        stdout, stderr = out / "stdout", out / "stderr"
+        job = server.start(module, list(args), child_env(), str(cwd), str(stdout), str(stderr))
+        if job is not None:
+            proc = WarmProcess(job, stdout, stderr)
+            proc.args = [sys.executable, "-m", module, *args]
+            return proc
+    return subprocess.Popen(
         [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=env,
-        capture_output=True,
+        env=child_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+
+
+def run_cli(
+    module: str,
+    *args: str,
+    cwd: Path,
+    env: dict | None = None,
+    timeout: float = 300,
+    cold: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run `python -m <module> <args>` to its end (see start_cli); killed after `timeout`."""
+    proc = start_cli(module, *args, cwd=cwd, env=env, cold=cold)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import child_env, run_cli
+from conftest import WarmProcess, child_env, run_cli, start_cli
 
 FAST = ("debug=limit", "logger=csv", "test=false")
 
@@ -122,3 +122,29 @@ def test_the_server_goes_with_its_sweep(tmp_path):
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
     assert metrics(tmp_path, job)["status"] == "interrupted"
     assert "stopped by SIGTERM" in (tmp_path / job["dir"] / "console.log").read_text()
+
+
+# The suite's own runs (conftest.start_cli) fork from a warm server too: a run must look the
+# same to a test as a fresh interpreter's, but for the seconds it saves.
+PROBE = """
+import os, signal, sys, time
+print(sys.path[0] == os.getcwd(), sys.argv[1:], flush=True)
+print("to stderr", file=sys.stderr)
+if sys.argv[1:] == ["wait"]:
+    time.sleep(60)
+sys.exit(3)
+"""
+
+
+def test_a_warm_run_looks_like_a_cold_one(tmp_path):
+    (tmp_path / "probe.py").write_text(PROBE)  # found because `python -m` looks in its cwd
+    runs = {cold: run_cli("probe", "a b", cwd=tmp_path, cold=cold) for cold in (False, True)}
+    warm, cold = runs[False], runs[True]
+    assert (warm.returncode, warm.stdout, warm.stderr) == (3, "True ['a b']\n", "to stderr\n")
+    assert (cold.returncode, cold.stdout, cold.stderr) == (3, "True ['a b']\n", "to stderr\n")
+
+    proc = start_cli("probe", "wait", cwd=tmp_path)
+    assert isinstance(proc, WarmProcess) and proc.pid != os.getpid()
+    assert psutil.Process(proc.pid).parent().cmdline()[1:3] == ["-m", "trainlab.warm"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGTERM

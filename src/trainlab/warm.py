@@ -9,7 +9,7 @@ command line in its children. The server never initialises CUDA (checked before 
 
 The launcher (hydra_plugins/trainlab_sweeps/process_launcher.py) starts the server with
 `Server()`, in a session of its own, and talks to it over a socket pair, one JSON line a
-message: a job to start (argv, environment, cwd, console file), answered with its pid, and
+message: a job to start (argv, environment, cwd, output files), answered with its pid, and
 later with its exit code (the server is the job's parent, and reaps it). The server exits
 when the socket closes, that is when the launcher's process ends however it ends; its jobs
 then get SIGTERM from the kernel (stop_with_parent, with the server as their parent).
@@ -49,6 +49,7 @@ PRELOAD = (
     "hydra.core.override_parser.overrides_parser",
 )
 _STARTUP_ENV = dict(os.environ)  # the server's environment before its imports changed it
+_STARTUP_CWD = os.getcwd()
 
 
 def available() -> bool:
@@ -91,8 +92,17 @@ class Server:
         self._ready.wait(timeout)
         return self.info.get("ready") is True and not self._gone
 
-    def start(self, module: str, args: list[str], env: dict[str, str], cwd: str, console: str):
-        """Fork a job that runs `python -m module *args`; its WarmJob, or None if the server
+    def start(
+        self,
+        module: str,
+        args: list[str],
+        env: dict[str, str],
+        cwd: str,
+        console: str,
+        stderr: str | None = None,
+    ):
+        """Fork a job that runs `python -m module *args`, its stdout and stderr appended to the
+        file `console` (stderr to its own file if given); its WarmJob, or None if the server
         is gone (the caller then starts the job cold)."""
         job = WarmJob(self)
         with self._lock:
@@ -101,7 +111,7 @@ class Server:
             self._next += 1
             self._requests[self._next] = job
             request = {"id": self._next, "module": module, "args": args, "env": env}
-            request.update(cwd=cwd, console=console)
+            request.update(cwd=cwd, console=console, stderr=stderr or console)
         try:
             with self._send_lock:
                 self._sock.sendall(json.dumps(request).encode() + b"\n")
@@ -290,10 +300,12 @@ def run_job(job: dict[str, Any]) -> None:
 
     os.setsid()  # a session of its own, as a cold job has: signals reach it from the launcher
     os.chdir(job["cwd"])
-    console = os.open(job["console"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(console, 1)
-    os.dup2(console, 2)
-    os.close(console)
+    if sys.path and sys.path[0] == _STARTUP_CWD:  # `python -m` puts its directory first
+        sys.path[0] = job["cwd"]
+    for fd, path in ((1, job["console"]), (2, job["stderr"])):
+        file = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(file, fd)
+        os.close(file)
     imported = {k: v for k, v in os.environ.items() if k not in _STARTUP_ENV}
     os.environ.clear()
     os.environ.update({**job["env"], **imported})  # e.g. Lightning's NVML check, set at import

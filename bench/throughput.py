@@ -543,17 +543,17 @@ def live_progress_bar(bar: str):
     import rich
     from lightning.pytorch.callbacks import RichProgressBar
 
-    import trainlab.callbacks
+    import trainlab.callbacks.progress
 
-    saved = trainlab.callbacks.progress_bar
-    cls = trainlab.callbacks.LiveBar if bar == "template" else RichProgressBar
+    saved = trainlab.callbacks.progress.progress_bar
+    cls = trainlab.callbacks.progress.LiveBar if bar == "template" else RichProgressBar
     with open(os.devnull, "w") as devnull:
         console = {"file": devnull, "force_terminal": True, "width": 120}
-        trainlab.callbacks.progress_bar = lambda: cls(console_kwargs=console)
+        trainlab.callbacks.progress.progress_bar = lambda: cls(console_kwargs=console)
         try:
             yield
         finally:
-            trainlab.callbacks.progress_bar = saved
+            trainlab.callbacks.progress.progress_bar = saved
             rich.reconfigure()  # the bar pointed Rich's shared console at /dev/null
 
 

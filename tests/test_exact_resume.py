@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from trainlab import checkpoint
+from trainlab.callbacks import checkpoints
 from trainlab.data.augment import crop_flip, per_sample_crop_flip
 from trainlab.data.base import _Transformed
 from trainlab.data.memory import MemoryLoader
@@ -174,7 +174,7 @@ def fit(cfg, callback: StopAt, ckpt_path: Path | None = None):
     config = OmegaConf.to_container(cfg, resolve=True)
     trainer = pl.Trainer(
         max_epochs=2,
-        callbacks=[checkpoint.CheckpointRecord(config), callback],
+        callbacks=[checkpoints.CheckpointRecord(config), callback],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -17,9 +17,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from trainlab.callbacks import LiveBar, NullProfiler
+from trainlab.callbacks.progress import LiveBar
 from trainlab.classifier import Classifier
 from trainlab.nets import MLP, SmallCNN
+from trainlab.profiler import NullProfiler
 from trainlab.run import NVML_CHECK, torch_cuda_check
 from trainlab.train import train
 

@@ -15,7 +15,7 @@ from conftest import run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from trainlab import checkpoint
+from trainlab.callbacks import checkpoints
 from trainlab.errors import UserError
 
 PER_EPOCH = 21  # digits' training split in batches of 64: blocks of 4 leave one of 1
@@ -49,9 +49,9 @@ class Record(pl.Callback):
 
 def fit(cfg, n, record: Record, ckpt_path=None, every=None, epochs=2, **trainer_args):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    callbacks = [checkpoint.CheckpointRecord(OmegaConf.to_container(cfg, resolve=True)), record]
+    callbacks = [checkpoints.CheckpointRecord(OmegaConf.to_container(cfg, resolve=True)), record]
     if every:
-        callbacks.append(checkpoint.LastCheckpoint(Path(cfg.paths.log_dir) / f"n{n}", every))
+        callbacks.append(checkpoints.LastCheckpoint(Path(cfg.paths.log_dir) / f"n{n}", every))
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -190,7 +190,7 @@ def test_an_integer_val_check_interval_validates_at_the_same_steps(compose):
 
 
 def test_the_divergence_guard_names_the_same_step(compose, tmp_path):
-    from trainlab.guards import StopOnNonFiniteLoss
+    from trainlab.callbacks.guards import StopOnNonFiniteLoss
 
     cfg = compose("optimizer.lr=50", "scheduler=none")
     errors = []

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from trainlab.callbacks.guards import StopOnNonFiniteLoss
 from trainlab.config import check_command_line, check_values
 from trainlab.errors import UserError
-from trainlab.guards import StopOnNonFiniteLoss
 
 BAD = [
     ("data.num_workers=-3", "auto or an integer >= 0"),

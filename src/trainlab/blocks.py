@@ -113,7 +113,7 @@ def _intervals(trainer) -> dict[str, int]:
     """Every interval counted in optimizer steps, by the name a user sets it with."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from trainlab.checkpoint import LastCheckpoint
+    from trainlab.callbacks.checkpoints import LastCheckpoint
 
     found = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
     if isinstance(trainer.val_check_interval, int):

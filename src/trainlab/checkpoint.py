@@ -1,122 +1,34 @@
 """What a trainlab checkpoint holds beyond Lightning's own, and how to read one back safely.
 
 Every checkpoint carries the run's resolved config, so `eval` rebuilds the model from the file
-alone, and what a resumed run needs to continue exactly. Nothing is pickled: files load with
+alone, and what a resumed run needs to continue exactly (written by the callbacks in
+trainlab.callbacks.checkpoints). Nothing is pickled: files load with
 `torch.load(weights_only=True)`, and are written whole or not at all.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import os
 import pickle
-import random
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from trainlab import __version__
 from trainlab.commands import override, shell
 from trainlab.config import check_targets
 from trainlab.errors import UserError
 
-KEY = "trainlab"
-
-
-class CheckpointRecord(pl.Callback):
-    """Makes every checkpoint self-describing and resumable to the bit.
-
-    Beside Lightning's own state it stores the resolved run config (plain dicts and lists), the
-    git commit, the versions of the main packages, the W&B run id (a resumed run continues the
-    same W&B run), the random number generators' states (a resumed run draws the same
-    dropout masks and data order as an uninterrupted one), and the class names where the data
-    set has them (an exported model names its predictions with them).
-    """
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-        self.commit = _git_commit()
-        self._restored = False
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        # Under DDP each rank draws its own dropout masks and augmentations: seed + rank (a
-        # resumed run has just had its generators restored instead).
-        seed = self.config.get("seed")
-        if trainer.world_size > 1 and seed is not None and not self._restored:
-            pl.seed_everything(seed + trainer.global_rank, workers=True, verbose=False)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        # The training loader's position in its epoch (data/memory.py, data/resumable.py): a
-        # schedule that asks for the run's length (estimated_stepping_batches) makes Lightning
-        # set up the training data before it restores the loops, and it then never hands the
-        # loader its saved state. Handed here, before the first batch is drawn.
-        trainer.fit_loop._load_combined_loader_states()
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        for logger in trainer.loggers:  # the metric history up to here is on disk too
-            logger.save()
-        checkpoint[KEY] = {
-            "config": self.config,
-            "version": __version__,
-            "git_commit": self.commit,
-            "packages": _package_versions(),
-            "wandb_id": _wandb_id(trainer),
-            "rng": _rng_states(),
-            "classes": _class_names(trainer),
-        }
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get(KEY, {}).get("rng")
-        if rng:
-            _set_rng_states(rng)
-            self._restored = True
-
-
-class LastCheckpoint(Checkpoint):
-    """Keeps <run dir>/checkpoints/last.ckpt at the run's latest state, whatever the monitored
-    metric did: at the end of every epoch, and every `every_n_steps` optimizer steps if set.
-
-    Lightning's ModelCheckpoint(save_last=True) writes last.ckpt only beside a top-k save, so
-    after the metric stops improving its last.ckpt stays at the best epoch. As a Checkpoint,
-    Lightning runs this after the LightningModule's own on_train_epoch_end and after the other
-    checkpoint callbacks (which come first in the list), so the file holds the epoch's
-    validation and the best checkpoint's bookkeeping as they end the epoch; a run resumed from
-    it starts the next epoch. (StopOnSignal writes the same file at a signal.)
-    """
-
-    def __init__(self, ckpt_dir: str | Path, every_n_steps: int | None = None):
-        self.path = Path(ckpt_dir) / "last.ckpt"
-        self.every_n_steps = every_n_steps
-        self._saved_step = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n, step = self.every_n_steps, trainer.global_step
-        if not n or step == 0 or step % n or step == self._saved_step:
-            return  # (with gradient accumulation a step spans several batches)
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return  # the end of the epoch saves, after its validation
-        self._save(trainer)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._save(trainer)
-
-    def _save(self, trainer) -> None:
-        if trainer.fast_dev_run or trainer.sanity_checking:
-            return
-        trainer.save_checkpoint(self.path, weights_only=False)  # the full state, quietly
-        self._saved_step = trainer.global_step
+KEY = "trainlab"  # the checkpoint's entry for what trainlab adds
 
 
 def best_path(trainer) -> str | None:
@@ -152,66 +64,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "resume with resume=auto."
                 ) from None
             raise
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
-
-
-def _package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("trainlab", "torch", "lightning", "torchmetrics", "hydra-core", "torchvision"):
-        with contextlib.suppress(PackageNotFoundError):
-            versions[name] = version(name)
-    return versions
-
-
-def _wandb_id(trainer) -> str | None:
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            return logger.version
-    return None
-
-
-def _class_names(trainer) -> list[str] | None:
-    # Image folders and lists name their classes (`classes`); tensors only have labels.
-    classes = getattr(trainer.datamodule, "classes", None)
-    return [str(c) for c in classes] if classes else None
-
-
-def _rng_states() -> dict[str, Any]:
-    numpy_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": [
-            numpy_state[0],
-            torch.from_numpy(numpy_state[1].astype(np.int64)),
-            *numpy_state[2:],
-        ],
-        "python": random.getstate(),
-    }
-
-
-def _set_rng_states(rng: dict[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    kind, keys, *rest = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -363,50 +215,6 @@ def _check_weights_fit(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> None
             f"the weights in {path} do not fit the changed model ({reason}): a change of model "
             "that changes its parameters cannot resume; start a new run without resume/ckpt_path."
         ) from None
-
-
-class ApplyOptimizerChanges(pl.Callback):
-    """On a resume with resume_allow_changes=true, the new optimizer settings take effect.
-
-    Lightning restores the optimizer's parameter groups from the checkpoint, over the values
-    the new config built them with: without this, `optimizer.lr=0.01` would be recorded while
-    the run went on with the old rate. The new config's values are read from the freshly built
-    optimizers (on_fit_start, before the restore) and put back after it (on_train_start): a
-    changed learning rate scales the restored rate and its schedule, so the schedule goes on
-    from where it was; any other changed setting (weight_decay, betas, ...) is copied.
-    """
-
-    def __init__(self, changes: dict[str, list[Any]]):
-        self.keys = {k.removeprefix("optimizer.") for k in changes if k.startswith("optimizer.")}
-        self._fresh: list[list[dict[str, Any]]] = []
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self._fresh = [[dict(g) for g in opt.param_groups] for opt in trainer.optimizers]
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        for opt, fresh_groups in zip(trainer.optimizers, self._fresh, strict=True):
-            for group, fresh in zip(opt.param_groups, fresh_groups, strict=True):
-                for key in self.keys - {"lr"}:
-                    if key in fresh:
-                        group[key] = fresh[key]
-                self._scale_lr(trainer, opt, group, fresh)  # lr_scaling may change it too
-
-    @staticmethod
-    def _scale_lr(trainer, opt, group: dict[str, Any], fresh: dict[str, Any]) -> None:
-        # The rate a schedule started from (initial_lr), or the rate itself without one.
-        ratio = fresh.get("initial_lr", fresh["lr"]) / group.get("initial_lr", group["lr"])
-        if ratio == 1:
-            return
-        for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-            if key in group:
-                group[key] *= ratio
-        index = opt.param_groups.index(group)
-        for config in trainer.lr_scheduler_configs:
-            if config.scheduler.optimizer is opt:
-                for name in ("base_lrs", "_last_lr"):
-                    values = getattr(config.scheduler, name, None)
-                    if values is not None:
-                        values[index] *= ratio
 
 
 def latest_good(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:

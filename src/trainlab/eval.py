@@ -30,7 +30,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     from trainlab import checkpoint, run
-    from trainlab.callbacks import progress_bar
+    from trainlab.callbacks.progress import progress_bar
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

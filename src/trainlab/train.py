@@ -37,9 +37,15 @@ def train(
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from trainlab import checkpoint, pruning, run
-    from trainlab.callbacks import progress_bar
-    from trainlab.guards import RanksAgree, StopOnNonFiniteLoss, StopOnSignal
+    from trainlab import checkpoint, run
+    from trainlab.callbacks import pruning
+    from trainlab.callbacks.checkpoints import (
+        ApplyOptimizerChanges,
+        CheckpointRecord,
+        LastCheckpoint,
+    )
+    from trainlab.callbacks.guards import RanksAgree, StopOnNonFiniteLoss, StopOnSignal
+    from trainlab.callbacks.progress import progress_bar
     from trainlab.loggers import build_loggers
 
     run_dir = Path(run_dir)
@@ -57,7 +63,7 @@ def train(
     agree = RanksAgree()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += [
-        checkpoint.CheckpointRecord(config),
+        CheckpointRecord(config),
         StopOnSignal(ckpt_dir, resume),
         StopOnNonFiniteLoss(ckpt_dir, cfg.get("divergence_factor")),
         agree,
@@ -65,9 +71,9 @@ def train(
         *pruning.from_env(),  # a trial of an Optuna sweep reports to its study
     ]
     if cfg.trainer.get("enable_checkpointing", True):  # best.ckpt is the configured callback's
-        callbacks.append(checkpoint.LastCheckpoint(ckpt_dir, cfg.get("checkpoint_every_n_steps")))
+        callbacks.append(LastCheckpoint(ckpt_dir, cfg.get("checkpoint_every_n_steps")))
     if changes:
-        callbacks.append(checkpoint.ApplyOptimizerChanges(changes))
+        callbacks.append(ApplyOptimizerChanges(changes))
     loggers = build_loggers(cfg, run_dir, group=wandb_group, name=wandb_name, wandb_id=wandb_id)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,

@@ -9,7 +9,7 @@ them from asking for the trials that are still running), so a slow trial holds o
 
 Pruning: with `pruner=median` (or hyperband, successive_halving, threshold) every trial reports
 the metric to the study after each epoch and stops early when the pruner says so (see
-trainlab.pruning); it is recorded as "pruned", not failed.
+trainlab.callbacks.pruning); it is recorded as "pruned", not failed.
 
 Storage: by default the study lives in <sweep dir>/optuna.db, so the same command run again
 continues it. `storage=` takes any Optuna database URL (sqlite:///..., postgresql://...,
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 STORAGE_FILE = "optuna.db"
 # A trial process finds its study (as JSON) here, and its number in the launcher's JOB_ENV: a
-# trial runs as the job of the same number (see trainlab.pruning).
+# trial runs as the job of the same number (see trainlab.callbacks.pruning).
 STUDY_ENV = "TRAINLAB_OPTUNA_STUDY"
 PRUNERS = {
     "none": "NopPruner",

@@ -262,9 +262,14 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
-def check_command_line(config_name: str, argv: list[str]) -> None:
+def check_command_line(config_name: str, argv: list[str]) -> list[str]:
     """Reject unknown keys, unknown group options, ill-typed values and code that no config file
-    names, before Hydra runs (Hydra builds hydra.callbacks before any task code runs)."""
+    names, before Hydra runs (Hydra builds hydra.callbacks before any task code runs).
+
+    A key that no YAML file writes is valid where the `_target_` above it takes it as a parameter
+    (`data.per_device=true`): configs write only what differs from the defaults. Returns `argv`
+    as Hydra must read it, with such keys marked `++` (add or override), as Hydra refuses to set
+    a key that is not in the composed config."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -272,7 +277,7 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     args, _ = get_args_parser().parse_known_args(argv)
     _refuse_other_configs(args)
     if args.help or args.hydra_help or args.shell_completion or args.info:
-        return  # Hydra answers these itself
+        return argv  # Hydra answers these itself
     config_name = args.config_name or config_name
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
@@ -306,11 +311,17 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
     base = compose(config_name, group_overrides, hydra=True)
     tree = {k: v for k, v in _to_tree(base).items() if k != "hydra"}
     check_values(base)
+    parameters_set = []  # overrides of constructor parameters that no YAML file writes
     for o in key_overrides:
         key = o.key_or_group
         found, default = _lookup(tree, key)
         if not found and not (o.is_add() or o.is_force_add()):
-            raise UserError(_unknown_key_message(key, o.input_line, tree))
+            parameter = _constructor_parameter(tree, key)
+            if parameter is None:
+                raise UserError(_unknown_key_message(key, o.input_line, tree))
+            for value in _values(o):
+                _check_parameter_value(key, parameter, value, o.input_line)
+            parameters_set.append(o.input_line)
         for value in _values(o):
             if (
                 found
@@ -323,7 +334,13 @@ def check_command_line(config_name: str, argv: list[str]) -> None:
                     f"but '{o.input_line}' gives the text {value!r}."
                 )
             check_value(key, value, f"'{o.input_line}'")
+    parser = OverridesParser.create()
+    key_overrides = [
+        parser.parse_override(f"++{o.input_line}") if o.input_line in parameters_set else o
+        for o in key_overrides
+    ]
     _check_whole_config(base, key_overrides + hydra_overrides)
+    return [f"++{arg}" if arg in parameters_set else arg for arg in argv]
 
 
 def _package(o: Any) -> str:
@@ -409,20 +426,74 @@ def _all_keys(tree: Any, prefix: str = "") -> Iterator[str]:
             yield from _all_keys(v, f"{prefix}{k}.")
 
 
+def _target_parameters(tree: dict, parent: str) -> tuple[str, dict[str, Any]] | None:
+    """The `_target_` of the node at `parent` and the parameters it takes (trainlab.parameters),
+    where conf/ names that target: code that no config file names is never looked into."""
+    from trainlab.parameters import parameters
+
+    found, node = _lookup(tree, parent) if parent else (False, None)
+    target = node.get("_target_") if found and isinstance(node, dict) else None
+    if not isinstance(target, str) or target not in known_targets():
+        return None
+    accepted = parameters(target)
+    return None if accepted is None else (target, accepted)
+
+
+def _constructor_parameter(tree: dict, key: str) -> Any:
+    """The parameter of the `_target_` above `key` that `key` names, or None."""
+    parent, _, name = key.rpartition(".")
+    found = _target_parameters(tree, parent)
+    return found[1].get(name) if found else None
+
+
+# What a value of each simple parameter type must be, in words.
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (_is_int, "an integer"),
+    "float": (_is_number, "a number"),
+    "str": (lambda v: isinstance(v, str), "text"),
+}
+
+
+def _check_parameter_value(key: str, parameter: Any, value: Any, text: str) -> None:
+    """A value for a constructor parameter that no YAML file writes: of the type that the
+    parameter's annotation or default says, where that is bool, int, float or str."""
+    if parameter.kind is None or (isinstance(value, str) and "${" in value):
+        return
+    test, words = KINDS[parameter.kind]
+    if test(value) or (value is None and parameter.nullable):
+        return
+    quote = f" (a number meant as text goes in quotes: \"{key}='{value}'\")"
+    quote = quote if parameter.kind == "str" else ""
+    raise UserError(
+        f"'{key}' expects {words}{' or null' if parameter.nullable else ''} (the parameter "
+        f"`{parameter.written}`), but '{text}' gives {value!r}{quote}."
+    )
+
+
 def _unknown_key_message(key: str, text: str, tree: dict) -> str:
     keys = list(_all_keys(tree)) + [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
+    parent = key.rpartition(".")[0]
+    target = _target_parameters(tree, parent)
+    unwritten = []  # parameters the target takes that no YAML file writes
+    if target:
+        found, node = _lookup(tree, parent)
+        unwritten = [name for name in target[1] if name not in node]
+        keys += [f"{parent}.{name}" for name in unwritten]
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    parent = key.rpartition(".")[0]
     found, node = _lookup(tree, parent) if parent else (True, tree)
     siblings = ""
     if found and isinstance(node, dict):
         names = [k for k in node if not k.startswith("_")]
         siblings = (
-            f" Keys under '{parent}': {', '.join(names)}."
+            f" Keys under '{parent}': {', '.join(names)}"
             if parent
-            else f" Top-level keys: {', '.join(names)}."
+            else f" Top-level keys: {', '.join(names)}"
         )
+        if unwritten:
+            siblings += f"; {target[0]} also takes {', '.join(unwritten)}"
+        siblings += "."
     return (
         f"'{text}' sets '{key}', which is not in the config.{hint}{siblings} "
         f"To add a new key on purpose, write +{text}."

@@ -89,7 +89,7 @@ def main() -> None:
 
     process_launcher.stop_with_parent()  # a job of a sweep stops when the sweep dies
     with exit_on_user_error():
-        check_command_line("eval", sys.argv[1:])
+        sys.argv[1:] = check_command_line("eval", sys.argv[1:])
         sys.argv += run_dirs.run_dir_arguments("eval", sys.argv[1:])
     process_launcher.run_and_report(_hydra_main)  # a stopped or failed sweep: one paragraph
 

@@ -216,7 +216,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     with exit_on_user_error():
-        check_command_line("predict", sys.argv[1:])
+        sys.argv[1:] = check_command_line("predict", sys.argv[1:])
         sys.argv += run_dirs.run_dir_arguments("predict", sys.argv[1:])
     _hydra_main()
 

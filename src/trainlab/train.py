@@ -238,7 +238,7 @@ def main() -> None:
         sys.argv = [arg for arg in sys.argv if arg != "--dry-run"]
     scratch = None
     with exit_on_user_error():
-        check_command_line("train", sys.argv[1:])
+        sys.argv[1:] = check_command_line("train", sys.argv[1:])
         if dry_run:
             scratch = _dry_run_arguments()
         else:

@@ -15,7 +15,7 @@ from conftest import run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from trainlab.callbacks import checkpoints
+from trainlab.callbacks import RunInfo, checkpoints
 from trainlab.errors import UserError
 
 PER_EPOCH = 21  # digits' training split in batches of 64: blocks of 4 leave one of 1
@@ -49,9 +49,11 @@ class Record(pl.Callback):
 
 def fit(cfg, n, record: Record, ckpt_path=None, every=None, epochs=2, **trainer_args):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    callbacks = [checkpoints.CheckpointRecord(OmegaConf.to_container(cfg, resolve=True)), record]
+    stored = checkpoints.CheckpointRecord()
+    stored.run_info = RunInfo(config=OmegaConf.to_container(cfg, resolve=True))
+    callbacks = [stored, record]
     if every:
-        callbacks.append(checkpoints.LastCheckpoint(Path(cfg.paths.log_dir) / f"n{n}", every))
+        callbacks.append(checkpoints.LastCheckpoint(every))
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -59,6 +61,7 @@ def fit(cfg, n, record: Record, ckpt_path=None, every=None, epochs=2, **trainer_
         enable_checkpointing=bool(every),  # LastCheckpoint is a Checkpoint
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=Path(cfg.paths.log_dir) / f"n{n}",  # where LastCheckpoint writes
         log_every_n_steps=20,  # step logs (every 20 steps) end blocks of 4
         **trainer_args,
     )
@@ -195,7 +198,7 @@ def test_the_divergence_guard_names_the_same_step(compose, tmp_path):
     cfg = compose("optimizer.lr=50", "scheduler=none")
     errors = []
     for n in (1, 4):
-        guard = StopOnNonFiniteLoss(tmp_path, divergence_factor=10)
+        guard = StopOnNonFiniteLoss(divergence_factor=10)
         with pytest.raises(UserError) as caught:
             _fit_guarded(cfg, n, guard)
         errors.append(str(caught.value))

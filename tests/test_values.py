@@ -159,7 +159,7 @@ class LossSchedule(pl.LightningModule):
 
 def fit(losses, factor, tmp_path):
     """The step the guard stopped at, or None if the run ended."""
-    guard = StopOnNonFiniteLoss(tmp_path / "checkpoints", factor)
+    guard = StopOnNonFiniteLoss(factor)
     trainer = pl.Trainer(
         max_epochs=1,
         callbacks=[guard],
@@ -205,9 +205,9 @@ def test_null_switches_growth_off_but_nan_and_inf_still_stop(tmp_path):
 
 
 def test_the_start_is_kept_in_checkpoints():
-    guard = StopOnNonFiniteLoss("ckpts", 100.0)
+    guard = StopOnNonFiniteLoss(100.0)
     guard._set_reference(2.5)
-    resumed = StopOnNonFiniteLoss("ckpts", 100.0)
+    resumed = StopOnNonFiniteLoss(100.0)
     resumed.load_state_dict(guard.state_dict())
     assert resumed.reference == 2.5 and resumed.limit == 250.0
 

@@ -151,6 +151,7 @@ BOOKKEEPING = (
     "trainer.enable_model_summary",
     "trainer.profiler",
     "callbacks.lr_monitor",
+    "callbacks.last_checkpoint",  # checkpoint_every_n_steps
     "effective_batch_size",  # derived from keys that are compared
     "effective_lr",
 )

@@ -38,18 +38,12 @@ def train(
     from hydra.utils import instantiate
 
     from trainlab import checkpoint, run
-    from trainlab.callbacks import pruning
-    from trainlab.callbacks.checkpoints import (
-        ApplyOptimizerChanges,
-        CheckpointRecord,
-        LastCheckpoint,
-    )
-    from trainlab.callbacks.guards import RanksAgree, StopOnNonFiniteLoss, StopOnSignal
-    from trainlab.callbacks.progress import progress_bar
+    from trainlab.callbacks import RunInfo, pruning
+    from trainlab.callbacks.guards import RanksAgree
+    from trainlab.callbacks.monitor import Best
     from trainlab.loggers import build_loggers
 
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
     run.quiet_lightning()
     threads = run.set_threads(cfg.threads)
@@ -60,20 +54,9 @@ def train(
 
     again = [o for o in overrides if not o.startswith("resume=")]
     resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
-    agree = RanksAgree()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks += [
-        CheckpointRecord(config),
-        StopOnSignal(ckpt_dir, resume),
-        StopOnNonFiniteLoss(ckpt_dir, cfg.get("divergence_factor")),
-        agree,
-        progress_bar(),
-        *pruning.from_env(),  # a trial of an Optuna sweep reports to its study
-    ]
-    if cfg.trainer.get("enable_checkpointing", True):  # best.ckpt is the configured callback's
-        callbacks.append(LastCheckpoint(ckpt_dir, cfg.get("checkpoint_every_n_steps")))
-    if changes:
-        callbacks.append(ApplyOptimizerChanges(changes))
+    run_info = RunInfo(config=config, resume_command=resume, changes=changes)
+    monitored = Best(cfg.monitor.metric, cfg.monitor.mode)  # the run's best value: metrics.json
+    callbacks = [*_callbacks(cfg, run_info), monitored]
     loggers = build_loggers(cfg, run_dir, group=wandb_group, name=wandb_name, wandb_id=wandb_id)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -137,9 +120,11 @@ def train(
             model, "steps_per_call_choice", {"steps_per_call": 1, "why": "not a Classifier: 1"}
         )
         record["duration_s"] = round(time.perf_counter() - started, 3)
-        if agree.agree is not None:
+        agree = next((c for c in trainer.callbacks if isinstance(c, RanksAgree)), None)
+        if agree is not None and agree.agree is not None:
             record["ranks_agree"] = agree.agree
         record["best_ckpt"] = checkpoint.best_path(trainer)
+        record["monitor"] = monitored.record()
         if trainer.is_global_zero:
             try:
                 run.write_json(run_dir / run.METRICS_FILE, record)
@@ -147,6 +132,21 @@ def train(
                 print(f"could not write {run_dir / run.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()
     return record
+
+
+def _callbacks(cfg: DictConfig, run_info) -> list:
+    """The callbacks conf/callbacks/ composes, Lightning's and trainlab's own, each handed
+    run_info where it has that attribute (see trainlab.callbacks.RunInfo)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import Checkpoint
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    for callback in callbacks:
+        if hasattr(callback, "run_info"):
+            callback.run_info = run_info
+    if not cfg.trainer.get("enable_checkpointing", True):  # Lightning refuses them then
+        callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+    return callbacks
 
 
 def _effective_batch_size_and_lr(cfg: DictConfig, trainer) -> tuple[int, float]:
@@ -207,7 +207,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     done = _finished_already(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     if done is not None:  # e.g. a job of a SLURM sweep submitted again
         print(f"resume=auto: {hc.runtime.output_dir} finished already; nothing to do.")
-        return done.get("val/acc_best")
+        return (done.get("monitor") or {}).get("best")
     if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
         print_config(cfg)  # once, not once per process of a distributed run
     try:
@@ -223,7 +223,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
-    return record.get("val/acc_best")
+    return record["monitor"]["best"]
 
 
 def main() -> None:

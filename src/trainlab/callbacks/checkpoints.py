@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from trainlab import __version__
+from trainlab.callbacks import RunInfo
 from trainlab.checkpoint import KEY
 
 
@@ -28,18 +29,19 @@ class CheckpointRecord(pl.Callback):
     git commit, the versions of the main packages, the W&B run id (a resumed run continues the
     same W&B run), the random number generators' states (a resumed run draws the same
     dropout masks and data order as an uninterrupted one), and the class names where the data
-    set has them (an exported model names its predictions with them).
+    set has them (an exported model names its predictions with them). The config is
+    run_info.config (see trainlab.callbacks.RunInfo).
     """
 
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
+    def __init__(self):
+        self.run_info = RunInfo()
         self.commit = _git_commit()
         self._restored = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Under DDP each rank draws its own dropout masks and augmentations: seed + rank (a
         # resumed run has just had its generators restored instead).
-        seed = self.config.get("seed")
+        seed = self.run_info.config.get("seed")
         if trainer.world_size > 1 and seed is not None and not self._restored:
             pl.seed_everything(seed + trainer.global_rank, workers=True, verbose=False)
 
@@ -54,7 +56,7 @@ class CheckpointRecord(pl.Callback):
         for logger in trainer.loggers:  # the metric history up to here is on disk too
             logger.save()
         checkpoint[KEY] = {
-            "config": self.config,
+            "config": self.run_info.config,
             "version": __version__,
             "git_commit": self.commit,
             "packages": _package_versions(),
@@ -79,13 +81,17 @@ class LastCheckpoint(Checkpoint):
     Lightning runs this after the LightningModule's own on_train_epoch_end and after the other
     checkpoint callbacks (which come first in the list), so the file holds the epoch's
     validation and the best checkpoint's bookkeeping as they end the epoch; a run resumed from
-    it starts the next epoch. (StopOnSignal writes the same file at a signal.)
+    it starts the next epoch. (StopOnSignal writes the same file at a signal.) The file is
+    <trainer.default_root_dir>/checkpoints/last.ckpt.
     """
 
-    def __init__(self, ckpt_dir: str | Path, every_n_steps: int | None = None):
-        self.path = Path(ckpt_dir) / "last.ckpt"
+    def __init__(self, every_n_steps: int | None = None):
+        self.path = Path("checkpoints/last.ckpt")
         self.every_n_steps = every_n_steps
         self._saved_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n, step = self.every_n_steps, trainer.global_step
@@ -113,17 +119,25 @@ class ApplyOptimizerChanges(pl.Callback):
     the run went on with the old rate. The new config's values are read from the freshly built
     optimizers (on_fit_start, before the restore) and put back after it (on_train_start): a
     changed learning rate scales the restored rate and its schedule, so the schedule goes on
-    from where it was; any other changed setting (weight_decay, betas, ...) is copied.
+    from where it was; any other changed setting (weight_decay, betas, ...) is copied. The
+    changes are run_info.changes (see trainlab.callbacks.RunInfo): none, nothing to do.
     """
 
-    def __init__(self, changes: dict[str, list[Any]]):
-        self.keys = {k.removeprefix("optimizer.") for k in changes if k.startswith("optimizer.")}
+    def __init__(self):
+        self.run_info = RunInfo()
         self._fresh: list[list[dict[str, Any]]] = []
+
+    @property
+    def keys(self) -> set[str]:
+        changed = self.run_info.changes
+        return {k.removeprefix("optimizer.") for k in changed if k.startswith("optimizer.")}
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fresh = [[dict(g) for g in opt.param_groups] for opt in trainer.optimizers]
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if not self.run_info.changes:
+            return
         for opt, fresh_groups in zip(trainer.optimizers, self._fresh, strict=True):
             for group, fresh in zip(opt.param_groups, fresh_groups, strict=True):
                 for key in self.keys - {"lr"}:

@@ -1,4 +1,5 @@
-"""Callbacks that stop a run safely: on a signal, and on a loss that is no longer a number."""
+"""Callbacks that stop a run safely: on a signal, on a loss that is no longer a number, and
+when the ranks of a distributed run end out of step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from trainlab.callbacks import RunInfo
 from trainlab.errors import Interrupted, UserError
 
 
@@ -18,14 +20,18 @@ class StopOnSignal(pl.Callback):
     <run dir>/checkpoints/last.ckpt, and stop with a message saying how to resume.
 
     SIGTERM is Lightning's to catch (it also tells the other ranks); SIGINT is caught here so
-    that it too waits for the end of a step. A second Ctrl-C stops at once.
+    that it too waits for the end of a step. A second Ctrl-C stops at once. The message's
+    command is run_info.resume_command (see trainlab.callbacks.RunInfo).
     """
 
-    def __init__(self, ckpt_dir: str | Path, resume_hint: str):
-        self.ckpt_dir = Path(ckpt_dir)
-        self.resume_hint = resume_hint
+    def __init__(self):
+        self.run_info = RunInfo()
+        self.ckpt_dir = Path("checkpoints")
         self.signum: int | None = None
         self._previous = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.ckpt_dir = Path(trainer.default_root_dir) / "checkpoints"
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.signum = None
@@ -71,7 +77,7 @@ class StopOnSignal(pl.Callback):
         raise Interrupted(
             signum,
             f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-            f"checkpoint saved to {path}. Resume with: {self.resume_hint}",
+            f"checkpoint saved to {path}. Resume with: {self.run_info.resume_command}",
         )
 
 
@@ -86,11 +92,14 @@ class StopOnNonFiniteLoss(pl.Callback):
     only.
     """
 
-    def __init__(self, ckpt_dir: str | Path, divergence_factor: float | None = None):
-        self.ckpt_dir = Path(ckpt_dir)
+    def __init__(self, divergence_factor: float | None = None):
+        self.ckpt_dir = Path("checkpoints")
         self.factor = divergence_factor
         self.reference: float | None = None  # the first step's |loss|, at least 1
         self.limit = math.inf
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.ckpt_dir = Path(trainer.default_root_dir) / "checkpoints"  # named in the message
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if isinstance(outputs, dict) and "losses" in outputs:  # a block: one loss a step

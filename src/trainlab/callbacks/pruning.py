@@ -18,14 +18,7 @@ import lightning.pytorch as pl
 
 from hydra_plugins.trainlab_sweeps.optuna_sweeper import STUDY_ENV, make_pruner, open_storage
 from hydra_plugins.trainlab_sweeps.process_launcher import JOB_ENV
-
-
-def from_env() -> list[pl.Callback]:
-    """[ReportToStudy] in a trial of an Optuna sweep, [] in any other run."""
-    study, number = os.environ.get(STUDY_ENV), os.environ.get(JOB_ENV)
-    if not (study and number):
-        return []
-    return [ReportToStudy(json.loads(study), int(number))]
+from trainlab.callbacks.monitor import tracker
 
 
 def pruned(trainer: pl.Trainer) -> bool:
@@ -33,18 +26,20 @@ def pruned(trainer: pl.Trainer) -> bool:
 
 
 class ReportToStudy(pl.Callback):
-    """trial.report(metric, epoch) after each validation, and should_prune(); with several
-    devices rank 0 asks the study and tells the others."""
+    """trial.report(best so far, epoch) after each validation, and should_prune(); with several
+    devices rank 0 asks the study and tells the others. Outside a trial of an Optuna sweep
+    (neither STUDY_ENV nor JOB_ENV set) it does nothing."""
 
-    def __init__(self, study: dict[str, Any], number: int):
-        self.study = study
-        self.number = number
+    def __init__(self):
+        study, number = os.environ.get(STUDY_ENV), os.environ.get(JOB_ENV)
+        self.study: dict[str, Any] | None = json.loads(study) if study and number else None
+        self.number = int(number) if self.study else None
         self.pruned = False
         self._trial: Any = None
         self._reported: set[int] = set()
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if self.study and trainer.is_global_zero:
             try:
                 self._trial = self._open_trial()
             except Exception as e:
@@ -52,11 +47,13 @@ class ReportToStudy(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
-        if trainer.sanity_checking or epoch in self._reported:  # once an epoch
+        if not self.study or trainer.sanity_checking or epoch in self._reported:  # once an epoch
             return
         self._reported.add(epoch)
         prune = False
-        value = trainer.callback_metrics.get(self.study["metric"])
+        # The run's best value of the monitored metric so far: the trial's value at its end.
+        monitored = tracker(trainer)
+        value = monitored.update(trainer) if monitored else None
         if self._trial is not None and value is not None:
             try:
                 self._trial.report(float(value), epoch)
@@ -71,7 +68,7 @@ class ReportToStudy(pl.Callback):
         if prune and trainer.is_global_zero:
             print(
                 f"Trial {self.number} pruned after epoch {epoch} "
-                f"({self.study['metric']} = {float(value):.4f}): stopping."
+                f"(best {monitored.metric} so far {value:.4f}): stopping."
             )
 
     def _open_trial(self) -> Any:

@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainlab.data.augment import crop_flip, per_sample_crop_flip
-from trainlab.data.memory import Block, MemoryLoader
+from trainlab.data.memory import Augment, Block, MemoryLoader
 from trainlab.data.resumable import ResumableDataLoader
 from trainlab.errors import UserError
 
@@ -17,7 +15,7 @@ from trainlab.errors import UserError
 # run (whatever its own seed) is validated and tested on the same samples.
 SPLIT_SEED = 1234
 LOADERS = ("memory", "dataloader")
-PADDING = 4  # of the random crops, in pixels: the usual choice for 32x32 images
+NORMALISE = (None, "none", "feature", "channel")
 
 
 def per_device_batch_size(batch_size: int, trainer, per_device: bool = False) -> int:
@@ -36,51 +34,63 @@ def per_device_batch_size(batch_size: int, trainer, per_device: bool = False) ->
 
 
 class InMemoryDataModule(pl.LightningDataModule):
-    """A data set small enough to hold in memory: each split is a pair (uint8 images, labels).
+    """A classification data set small enough to hold in memory: each split is a pair
+    (features, labels) of tensors, features of any shape (`input_shape`, one sample's).
 
-    Subclasses implement `load()` and set `mean` and `std` (per channel, on the 0..1 scale).
+    Subclasses implement `load()`. Features are kept as uint8 (a quarter of the bytes, read on
+    the 0..1 scale) or made float32, and normalised on the training device, batch by batch:
+    `normalise` is none, `feature` (each feature by its mean and standard deviation over the
+    training split) or `channel` (each index of the first dimension, over the others, as image
+    channels); or give `mean` and `std` (one value, or one per channel).
+
     `batch_size` is the global batch size: with N devices each one gets batch_size / N
-    (`per_device=True`: each gets batch_size).
+    (`per_device=True`: each gets batch_size). `val_size` (a fraction or a count) is held out of
+    the training split for validation unless `load()` gives a "val" split; 0 or None: no
+    validation, and best.ckpt is the last epoch's state (see `_without_validation`).
 
     `loader="memory"` keeps each split as one tensor on the training device and slices batches
     from it (`MemoryLoader`); `loader="dataloader"` goes through torch's DataLoader, sample by
     sample, with `num_workers` worker processes, as a data set too big for memory would.
-    `augment` adds random crops and horizontal flips to the training batches, on either path.
-    Batches are normalised on the device either way.
     """
 
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     steps_per_call = 1  # training batches a block (set by the Classifier, see steps_per_call)
 
     def __init__(
         self,
-        data_dir: str,
         batch_size: int,
         num_classes: int,
         input_shape: list[int],
-        val_size: int | float = 0.1,
+        data_dir: str | None = None,
+        val_size: int | float | None = 0.1,
+        normalise: str | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
         loader: str = "memory",
-        augment: bool = False,
         num_workers: int | str = "auto",
         per_device: bool = False,
     ):
         super().__init__()
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.batch_size = batch_size
         self.per_device = per_device
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.val_size = val_size
+        self.normalise = normalise
+        if mean is not None or std is not None:  # else the class's own, if it has them
+            self.mean, self.std = tuple(mean or (0.0,)), tuple(std or (1.0,))
         self.loader = loader
-        self.augment = augment
         self.num_workers = num_workers
         self.splits: dict[str, TensorDataset] = {}
+        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None  # x * scale + shift
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._normalise: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Return {"train": (x, y), "test": (x, y)} and optionally "val"; x is uint8 NCHW."""
+        """Return {"train": (x, y), "test": (x, y)} and optionally "val": x of shape
+        (N, *input_shape), y the class of each sample (0 .. num_classes - 1)."""
         raise NotImplementedError
 
     @property
@@ -99,22 +109,37 @@ class InMemoryDataModule(pl.LightningDataModule):
             raise UserError(
                 f"data.loader must be one of {', '.join(LOADERS)}, but it is {self.loader!r}."
             )
-        if self.splits:
-            return
+        if self.normalise not in NORMALISE:
+            raise UserError(
+                f"data.normalise must be none, feature or channel, but it is {self.normalise!r}."
+            )
+        if not self.splits:
+            self._load_splits()
+        if stage in (None, "fit") and "val" not in self.splits:
+            self._without_validation()
+
+    def _load_splits(self) -> None:
         data = self.load()
-        if "val" not in data:
+        if "val" not in data and self.val_size:
             data["train"], data["val"] = self._split(*data["train"])
         for name, (x, y) in data.items():
-            if tuple(x.shape[1:]) != self.input_shape or x.dtype != torch.uint8:
-                raise ValueError(
-                    f"{name} images are {x.dtype} {tuple(x.shape[1:])}, "
-                    f"expected uint8 {self.input_shape}"
-                )
+            self.check(name, x)
+            x = x if x.dtype == torch.uint8 else x.float()
             self.splits[name] = TensorDataset(x, y.long())
         if len(self.splits["train"]) < self.batch_size_per_device:
             raise UserError(
                 f"the training split has {len(self.splits['train'])} samples, fewer than one "
                 f"batch of {self.batch_size_per_device}: lower data.batch_size."
+            )
+        self._affine = self._normalisation(self.splits["train"].tensors[0])
+
+    def check(self, split: str, x: torch.Tensor) -> None:
+        """Refuse features whose shape is not data.input_shape (subclasses add their own)."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise UserError(
+                f"the {split} split's samples have the shape {list(x.shape[1:])}, but "
+                f"data.input_shape is {list(self.input_shape)}: set data.input_shape="
+                f"{list(x.shape[1:])}."
             )
 
     def _split(self, x: torch.Tensor, y: torch.Tensor):
@@ -123,20 +148,67 @@ class InMemoryDataModule(pl.LightningDataModule):
             raise UserError(
                 f"data.val_size={self.val_size} leaves {len(x) - n_val} of {len(x)} training "
                 f"samples for training and {n_val} for validation: give a number of samples "
-                f"between 1 and {len(x) - 1}, or a fraction between 0 and 1."
+                f"between 1 and {len(x) - 1}, a fraction between 0 and 1, or 0 for no validation."
             )
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
         val, train = order[:n_val], order[n_val:]
         return (x[train], y[train]), (x[val], y[val])
 
+    def _normalisation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(scale, shift) such that x * scale + shift is a normalised batch, shaped to
+        broadcast over one; None where batches pass unchanged (float32, not normalised)."""
+        unit = 255.0 if x.dtype == torch.uint8 else 1.0
+        channel = (1, -1, *[1] * (len(self.input_shape) - 1))  # one value per index of dim 1
+        if self.mean is not None:
+            mean = torch.tensor(self.mean).view(channel)
+            std = torch.tensor(self.std).view(channel)
+        elif self.normalise == "feature":
+            x = x.double() / unit
+            mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
+        elif self.normalise == "channel":
+            x = x.double().transpose(0, 1).reshape(self.input_shape[0], -1) / unit
+            mean, std = x.mean(1).view(channel), x.std(1).view(channel)
+        else:
+            return (torch.tensor(1 / unit), torch.tensor(0.0)) if unit != 1.0 else None
+        std = torch.where(std > 0, std, 1.0)  # a constant feature is left at 0, not divided by 0
+        # (mean and std in float32 first: the image data sets' batches stay bit for bit the same)
+        mean, std = mean.float(), std.float()
+        return 1 / (unit * std), -mean / std
+
+    def _without_validation(self) -> None:
+        """No validation split: best.ckpt keeps the last epoch's state and early stopping is
+        off, since neither has a validation metric to go by. Said once in the run's output."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, pl.callbacks.ModelCheckpoint):
+                callback.monitor = None  # keeps the latest state, under the same file name
+        trainer.callbacks = [
+            c for c in trainer.callbacks if not isinstance(c, pl.callbacks.EarlyStopping)
+        ]
+        if trainer.is_global_zero:
+            print(
+                f"data.val_size={self.val_size}: no validation split; checkpoints/best.ckpt is "
+                "the last epoch's state, and early stopping is off."
+            )
+
     def train_dataloader(self) -> MemoryLoader | DataLoader:
         return self._make_loader("train")
 
-    def val_dataloader(self) -> MemoryLoader | DataLoader:
-        return self._make_loader("val")
+    def val_dataloader(self) -> MemoryLoader | DataLoader | list:
+        return self._make_loader("val") if "val" in self.splits else []
 
     def test_dataloader(self) -> MemoryLoader | DataLoader:
         return self._make_loader("test")
+
+    def augment_batch(self) -> Augment | None:
+        """What the memory path applies to each training batch (subclasses: e.g. crop_flip)."""
+        return None
+
+    def augment_sample(self):
+        """What the DataLoader path applies to each training sample (subclasses)."""
+        return None
 
     def _make_loader(self, split: str) -> MemoryLoader | DataLoader:
         train = split == "train"
@@ -151,7 +223,7 @@ class InMemoryDataModule(pl.LightningDataModule):
             self.batch_size_per_device,
             train=train,
             shuffle=shuffle,
-            augment=partial(crop_flip, padding=PADDING) if train and self.augment else None,
+            augment=self.augment_batch() if train else None,
             seed=self._shuffle_seed() if train else 0,
             rank=self.trainer.global_rank if self.trainer is not None else 0,
             world_size=self.trainer.world_size if self.trainer is not None else 1,
@@ -174,10 +246,10 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def _dataloader(self, split: str, shuffle: bool) -> DataLoader:
         dataset: Dataset = self.splits[split]
-        per_sample_work = split == "train" and self.augment
-        if per_sample_work:
-            dataset = _Transformed(dataset, per_sample_crop_flip(self.input_shape[1:], PADDING))
-        workers = self._workers(per_sample_work)
+        transform = self.augment_sample() if split == "train" else None
+        if transform is not None:
+            dataset = _Transformed(dataset, transform)
+        workers = self._workers(per_sample_work=transform is not None)
         options = {
             "batch_size": self.batch_size_per_device,
             "num_workers": workers,
@@ -191,7 +263,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         return ResumableDataLoader(
             dataset,
             seed=self._shuffle_seed(),
-            random=per_sample_work,
+            random=transform is not None,
             rank=self.trainer.global_rank if self.trainer is not None else 0,
             world_size=self.trainer.world_size if self.trainer is not None else 1,
             **options,
@@ -218,21 +290,21 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Normalise on the device, after moving uint8 (a quarter of the bytes of float32), as
-        # x * (1 / (255 std)) - mean / std in place on a fresh float copy: 3 to 4 times faster
-        # than addcmul, and the constants are made once per device.
+        # x * scale + shift in place on a fresh float copy: 3 to 4 times faster than addcmul,
+        # and the constants are moved once per device.
         if isinstance(batch, Block):  # steps_per_call > 1
             return Block(self.on_after_batch_transfer(b, dataloader_idx) for b in batch)
         x, y = batch
+        if self._affine is None:
+            return x.float(), y
         if x.device not in self._normalise:
-            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-            self._normalise[x.device] = (1 / (255 * std), -mean / std)
+            self._normalise[x.device] = tuple(t.to(x.device) for t in self._affine)
         scale, shift = self._normalise[x.device]
         return x.to(torch.float32, copy=True).mul_(scale).add_(shift), y
 
 
 class _Transformed(Dataset):
-    """A (image, label) data set with `transform` applied to each image as it is read."""
+    """A (sample, label) data set with `transform` applied to each sample as it is read."""
 
     def __init__(self, dataset: Dataset, transform):
         self.dataset, self.transform = dataset, transform

@@ -1,9 +1,10 @@
 import torch
 
-from trainlab.data.base import SPLIT_SEED, InMemoryDataModule
+from trainlab.data.base import SPLIT_SEED
+from trainlab.data.images import ImageDataModule
 
 
-class DigitsDataModule(InMemoryDataModule):
+class DigitsDataModule(ImageDataModule):
     """scikit-learn's 1797 8x8 handwritten digits, shipped inside the package: works offline.
 
     A fixed 20% is held out for test and 10% of the rest for validation.

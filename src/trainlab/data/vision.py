@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from torchvision import datasets
 
-from trainlab.data.base import InMemoryDataModule
+from trainlab.data.images import ImageDataModule
 from trainlab.errors import UserError
 
 
-class TorchvisionDataModule(InMemoryDataModule):
+class TorchvisionDataModule(ImageDataModule):
     """Downloads with torchvision's own code (rank zero only), then keeps the uint8 arrays.
 
     The official training set is split into train and val; the official test set is the test split.

@@ -106,10 +106,16 @@ class WarmProcess:
 
 
 def start_cli(
-    module: str, *args: str, cwd: Path, env: dict | None = None, cold: bool = False
+    module: str,
+    *args: str,
+    cwd: Path,
+    env: dict | None = None,
+    cold: bool = False,
+    new_session: bool = False,
 ) -> subprocess.Popen | WarmProcess:
     """Start `python -m <module> <args>` as a user would, stdout and stderr captured as text:
-    forked by the warm server, or with this interpreter anew (cold, or `env` added)."""
+    forked by the warm server (in a session of its own), or with this interpreter anew (cold,
+    or `env` added; `new_session` as a terminal starts a command)."""
     server = None if cold or env else _warm_server()
     if server is not None:
         out = Path(tempfile.mkdtemp(dir=_outputs))
@@ -126,6 +132,7 @@ def start_cli(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
 
 

@@ -9,13 +9,11 @@ shapes they accept and for what makes them what they are (the ResNet's stem, the
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env
+from conftest import start_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_data import N_VAL, accept_cifar10_checksums, write_cifar10, write_mnist
@@ -156,14 +154,7 @@ def test_lstm_experiment_also_reads_mnist(compose, tiny, tmp_path):
 def test_every_experiment_composes_on_the_command_line(tmp_path):
     """`python -m trainlab.train experiment=<name> --cfg job` for all six, side by side."""
     procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "trainlab.train", f"experiment={name}", "--cfg", "job"],
-            cwd=tmp_path,
-            env=child_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        name: start_cli("trainlab.train", f"experiment={name}", "--cfg", "job", cwd=tmp_path)
         for name in EXPERIMENTS
     }
     for name, proc in procs.items():

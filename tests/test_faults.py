@@ -4,28 +4,19 @@ import json
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env, run_cli
+from conftest import run_cli, start_cli
 
 # A run long enough to be interrupted between epochs (about a second an epoch here).
 RUN = ("model=cnn", "data.batch_size=16", "logger=csv", "test=false")
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    env = child_env()
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainlab.train", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start(cwd: Path, *args: str):
+    return start_cli("trainlab.train", *args, cwd=cwd)
 
 
 def wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:

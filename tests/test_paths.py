@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import child_env, run_cli
+from conftest import child_env, run_cli, start_cli
 
 from trainlab.config import check_command_line
 from trainlab.run_dirs import claim, newest_first
@@ -20,15 +20,8 @@ QUICK = ("logger=csv", "test=false", "debug=limit")
 ODD = "my runs/été 1"  # a log dir with a space and non-ASCII letters
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainlab.train", *args],
-        cwd=cwd,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start(cwd: Path, *args: str):
+    return start_cli("trainlab.train", *args, cwd=cwd)
 
 
 def finish(proc: subprocess.Popen) -> str:

@@ -8,13 +8,12 @@ worst epoch as "best", which is epoch 0 (accuracy only rises from there on the d
 import datetime
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env, run_cli
+from conftest import run_cli, start_cli
 
 from trainlab.checkpoint import config_changes
 from trainlab.train import train
@@ -45,15 +44,8 @@ def test_last_checkpoint_is_the_last_step_after_an_early_best_epoch(compose, tmp
     assert ckpt_names(tmp_path) == {"best.ckpt", "last.ckpt"}
 
 
-def start(run_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainlab.train", *args, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent,
-        env=child_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start(run_dir: Path, *args: str):
+    return start_cli("trainlab.train", *args, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
 
 
 def kill_when(last: Path, proc: subprocess.Popen, done, timeout: float = 180) -> dict:

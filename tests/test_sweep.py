@@ -4,14 +4,13 @@ definitions, dry runs, and the local comparison of their runs."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import child_env, run_cli
+from conftest import run_cli, start_cli
 
 from hydra_plugins.trainlab_sweeps.process_launcher import gpu_slots
 from trainlab.compare import compare
@@ -144,27 +143,16 @@ def test_optuna_sweep_interrupted_then_resumed(tmp_path):
     from optuna.trial import TrialState
 
     command = [
-        sys.executable,
-        "-m",
-        "trainlab.train",
         "-m",
         "hparams_search=optuna_lr_batch",
         *FAST,
         "hydra.sweeper.n_trials=4",
         "hydra.sweeper.study_name=resume",
     ]
-    env = child_env()
     study_dir = tmp_path / "logs" / "train" / "optuna" / "resume"
 
     # Start the study and kill the whole process tree while its third trial runs.
-    first = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = start_cli("trainlab.train", *command, cwd=tmp_path, new_session=True)
     deadline = time.monotonic() + 120
     while not (study_dir / "2").is_dir():
         assert first.poll() is None and time.monotonic() < deadline
@@ -183,9 +171,7 @@ def test_optuna_sweep_interrupted_then_resumed(tmp_path):
     assert {r.dir.name for r in partial["not_finished"]} == {"2"}
 
     # The same command again continues the study.
-    result = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = run_cli("trainlab.train", *command, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{study_dir / 'optuna.db'}")
     states = [t.state for t in study.trials]
@@ -229,10 +215,7 @@ def test_wandb_sweep_definition_and_the_agents_command(tmp_path):
         else:
             command.append(part)
     assert command[1:4] == ["-m", "trainlab.train", "debug=limit"]
-    env = child_env()
-    run = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    run = run_cli(command[2], *command[3:], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(next((tmp_path / "logs").rglob("metrics.json")).read_text())
     assert record["status"] == "finished"

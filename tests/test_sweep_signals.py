@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import child_env
+from conftest import run_cli, start_cli
 
 from hydra_plugins.trainlab_sweeps.process_launcher import launcher_alive, sweep_status
 from trainlab.commands import override
@@ -35,17 +35,9 @@ SWEEP = (
 )
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    """The sweep as a terminal starts it: a process group of its own."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainlab.train", *args],
-        cwd=cwd,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+def start(cwd: Path, *args: str):
+    """The sweep as a terminal starts it: a process group of its own (a warm run's session)."""
+    return start_cli("trainlab.train", *args, cwd=cwd, new_session=True)
 
 
 def sweep_of(cwd: Path) -> Path:
@@ -104,14 +96,7 @@ def jobs(sweep: Path) -> dict[str, dict]:
 
 def resume(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """The same command again, with resume=auto."""
-    return subprocess.run(
-        [sys.executable, "-m", "trainlab.train", *args, "resume=auto"],
-        cwd=cwd,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli("trainlab.train", *args, "resume=auto", cwd=cwd)
 
 
 def assert_all_finished(sweep: Path, resumed: set[str]) -> None:

@@ -57,14 +57,7 @@ def test_warm_false_starts_each_job_cold(tmp_path):
 def test_a_job_that_crashes_leaves_the_others_finished(tmp_path):
     """#1 dies of a segmentation fault mid-run; #0 finished before it, #2 starts after it from
     the same server."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainlab.train", "-m", "trainer.max_epochs=2,60,2", *FAST],
-        cwd=tmp_path,
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli("trainlab.train", "-m", "trainer.max_epochs=2,60,2", *FAST, cwd=tmp_path)
     deadline = time.monotonic() + 180
     while not list(tmp_path.glob("logs/train/sweeps/*/1/checkpoints/last.ckpt")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]

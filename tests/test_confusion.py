@@ -11,6 +11,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
+from trainlab.callbacks.confusion import ConfusionMatrix
 from trainlab.eval import evaluate
 from trainlab.train import train
 
@@ -108,6 +109,7 @@ def test_a_trainer_without_loggers_writes_no_files(compose, tmp_path, monkeypatc
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=1,
+        callbacks=[ConfusionMatrix()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

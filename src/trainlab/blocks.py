@@ -2,8 +2,9 @@
 
 Lightning's loop costs 0.2 to 1.3 ms a call whatever the step (hook dispatch over every
 callback, progress bookkeeping, logging checks): more than a small net's whole step on a GPU.
-With steps_per_call=N the in-memory loader yields Blocks of N batches and the Classifier takes
-one plain optimizer step per batch inside one training_step, so that cost is paid once per N.
+With steps_per_call=N the in-memory loader yields Blocks of N batches and the module
+(trainlab.module) takes one plain optimizer step per batch inside one training_step, so that
+cost is paid once per N.
 
 What a user sees stays exact because N divides every interval counted in steps
 (log_every_n_steps, checkpoint_every_n_steps, an integer val_check_interval, max_steps, a
@@ -25,7 +26,7 @@ MOST = 64
 
 
 def choose(module, requested: int | str) -> tuple[int, str]:
-    """(N, why) for this fit of `module` (a Classifier), the same on every rank."""
+    """(N, why) for this fit of `module` (a TrainlabModule), the same on every rank."""
     trainer = module.trainer
     reason = _needs_one(module, trainer)
     if reason:
@@ -50,7 +51,8 @@ def choose(module, requested: int | str) -> tuple[int, str]:
 def apply(trainer, n: int, before: int = 1) -> None:
     """Make the training loader yield blocks of n (in place of `before`), and count an integer
     val_check_interval in the blocks that Lightning sees as its batches."""
-    trainer.datamodule.steps_per_call = n
+    if trainer.datamodule is not None:  # None: fit given loaders, which take no blocks
+        trainer.datamodule.steps_per_call = n
     if isinstance(trainer.val_check_interval, int):
         trainer.val_check_interval = trainer.val_check_interval * before // n
 
@@ -94,6 +96,8 @@ def _needs_one(module, trainer) -> str | None:
 
     if module.automatic_optimization:
         return "gradient accumulation and clipping need Lightning's loop: 1"
+    if not module.plain_steps:
+        return "the module steps its optimizers itself: 1"
     if getattr(trainer.datamodule, "loader", None) != "memory":
         return "the DataLoader path yields one batch at a time: 1"
     if trainer.fast_dev_run or trainer.overfit_batches:
@@ -145,7 +149,7 @@ def _time_step(module) -> float:
         for _ in range(5):
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            module._loss(net(x), y).backward()
+            module.loss(net(x), y).backward()
             optimizer.step()
             if cuda:
                 torch.cuda.synchronize(x.device)

@@ -5,23 +5,19 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
-from trainlab.epoch_sums import EpochSums
 from trainlab.errors import UserError
 from trainlab.loggers import log_image
+from trainlab.module import TrainlabModule
 from trainlab.schedulers import total_steps
 
-# What the epoch means hold, in the order of the sums kept on the device.
-MEANS = ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake")
 
-
-class GAN(EpochSums, pl.LightningModule):
+class GAN(TrainlabModule):
     """Non-saturating GAN training of `generator` against `discriminator`, one step of each per
     batch. Real images are mapped onto the generator's tanh range, [-1, 1], before the
     discriminator sees them.
@@ -31,8 +27,6 @@ class GAN(EpochSums, pl.LightningModule):
     train/d_loss, train/g_loss, and the discriminator's mean probability of "real" on real
     images (train/d_real, D(x)) and on generated ones before its step (train/d_fake, D(G(z))).
     """
-
-    SUMS = ("_sums", "_samples")  # kept in checkpoints (EpochSums)
 
     def __init__(
         self,
@@ -53,10 +47,6 @@ class GAN(EpochSums, pl.LightningModule):
         # The latent batch behind every epoch's grid: a buffer, so that it is in checkpoints and
         # a resumed run goes on drawing the same samples.
         self.register_buffer("fixed_z", torch.randn(num_samples, latent_dim))
-        # Summed on the device each step (weighted by batch size), logged once an epoch.
-        self._sums = torch.zeros(len(MEANS))
-        self._samples = 0
-        self._means_logged = False
         self._to_tanh: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -68,10 +58,7 @@ class GAN(EpochSums, pl.LightningModule):
         return self.generator(z)
 
     def on_train_start(self) -> None:
-        # A run resumed mid-epoch starts no epoch: it continues the checkpoint's sums.
-        if not self.restore_sums():
-            self._reset_sums()
-        self._means_logged = False  # logged again at the end of a resumed epoch
+        super().on_train_start()
         # The data modules hand out (x - mean) / std of images on the 0..1 scale; the generator
         # draws in [-1, 1]. So real batches become 2 (x std + mean) - 1 = x (2 std) + (2 mean - 1),
         # one multiply-add with constants made here, on the training device.
@@ -119,39 +106,20 @@ class GAN(EpochSums, pl.LightningModule):
             for scheduler in self.lr_schedulers():
                 scheduler.step()
 
-        stats = [
-            d_loss,
-            g_loss,
-            torch.sigmoid(real_logits).mean(),
-            torch.sigmoid(fake_logits).mean(),
-        ]
-        self._sums.add_(torch.stack(stats).detach(), alpha=len(real))
-        self._samples += len(real)
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self._log_means()  # here, so that callbacks see them at the epoch's end
+        means = {
+            "train/d_loss": d_loss,
+            "train/g_loss": g_loss,
+            "train/d_real": torch.sigmoid(real_logits).mean(),
+            "train/d_fake": torch.sigmoid(fake_logits).mean(),
+        }
+        self.add_to_epoch_means({k: v.detach() * len(real) for k, v in means.items()}, len(real))
         # What the non-finite-loss guard checks: a NaN in either loss shows in the sum.
         return d_loss.detach() + g_loss.detach()
 
-    def on_train_epoch_start(self) -> None:
-        self._reset_sums()
-
     def on_train_epoch_end(self) -> None:
-        if not self._means_logged:  # an epoch cut short, by max_steps or a stop
-            self._log_means()
+        super().on_train_epoch_end()  # the epoch's means, if not logged yet
         if self.trainer.is_global_zero:
             self._save_samples()
-
-    def _reset_sums(self) -> None:
-        self._sums = torch.zeros(len(MEANS), device=self.device)
-        self._samples = 0
-        self._means_logged = False
-
-    def _log_means(self) -> None:
-        means = self._sums / max(1, self._samples)
-        for i, name in enumerate(MEANS):
-            shown = name in ("train/d_loss", "train/g_loss")
-            self.log(name, means[i], on_step=False, on_epoch=True, prog_bar=shown, sync_dist=True)
-        self._means_logged = True
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,29 +9,26 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
-from trainlab.epoch_sums import EpochSums
 from trainlab.errors import UserError
+from trainlab.module import TrainlabModule
 from trainlab.schedulers import with_schedule
 
 SAMPLE_FILE = "samples.txt"
 SAMPLE = {"prompt": "\n", "length": 500, "temperature": 0.8, "top_k": None}
 
 
-class LanguageModel(EpochSums, pl.LightningModule):
+class LanguageModel(TrainlabModule):
     """Cross-entropy of each next byte; val and test report it also in bits per byte (`bpc`).
 
     `optimizer` and `scheduler` are factories (Hydra partials), as for the Classifier. `sample`
     sets the text generated at the end of training (keys of SAMPLE; length 0: none), written to
     <run dir>/samples.txt, printed, and logged to TensorBoard and W&B when they are loggers.
     """
-
-    SUMS = ("_loss_sum", "_batches")  # kept in checkpoints (EpochSums)
 
     def __init__(
         self,
@@ -46,54 +43,20 @@ class LanguageModel(EpochSums, pl.LightningModule):
         self.make_scheduler = scheduler
         self.sample = {**SAMPLE, **(sample or {})}
         _check_sample(self.sample)
-        # The training loss is summed on the device each step and logged once an epoch, as the
-        # Classifier does: each batch has the same number of bytes, so the mean of the batch
-        # means is the mean over bytes.
-        self._loss_sum = torch.zeros(())
-        self._batches = 0
-        self._means_logged = False
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
 
-    def _loss(self, batch) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def training_loss(self, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self._loss_sum.add_(loss.detach())
-        self._batches += 1
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # when Lightning logs
-            self.log("train/loss_step", loss, prog_bar=True, batch_size=batch[1].numel())
-        if batch_idx + 1 == self.trainer.num_training_batches:
-            self._log_train_mean()  # here, so that callbacks see it at the epoch's end
+        loss = self.loss(self(x), y)
+        # Every batch has the same number of bytes: the mean of the batch means is the mean
+        # over bytes.
+        self.add_to_epoch_means({"train/loss_epoch": loss.detach()}, 1)
         return loss
-
-    def on_train_start(self) -> None:
-        # A run resumed mid-epoch starts no epoch: it continues the checkpoint's sum.
-        if not self.restore_sums():
-            self._reset_train_sum()
-        self._means_logged = False  # logged again at the end of a resumed epoch
-
-    def on_train_epoch_start(self) -> None:
-        self._reset_train_sum()
-
-    def on_train_epoch_end(self) -> None:
-        if not self._means_logged:  # an epoch cut short, by max_steps or a stop
-            self._log_train_mean()
-
-    def _reset_train_sum(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._batches = 0
-        self._means_logged = False
-
-    def _log_train_mean(self) -> None:
-        mean = self._loss_sum / max(1, self._batches)
-        self.log(
-            "train/loss_epoch", mean, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True
-        )
-        self._means_logged = True
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -102,10 +65,11 @@ class LanguageModel(EpochSums, pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch, split: str) -> None:
-        loss = self._loss(batch)
+        x, y = batch
+        loss = self.loss(self(x), y)
         # weighted by bytes, so that the epoch's value is the mean over every byte of the split
         # (the last batch of a split may be short)
-        n = batch[1].numel()
+        n = y.numel()
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log(f"{split}/bpc", loss / math.log(2), batch_size=n, sync_dist=True)
 

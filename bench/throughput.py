@@ -51,7 +51,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
-from trainlab import run
+from trainlab import compute
 from trainlab.commands import override
 from trainlab.data.augment import crop_flip
 from trainlab.data.vision import CIFAR10DataModule
@@ -327,7 +327,7 @@ def _datamodule(cfg):
 def raw(case: Case, warmup: int, steps: int, lightning_env: bool = False) -> float:
     # As in a script that never imports Lightning, whose import makes torch ask NVML whether
     # CUDA is there on every Adam step of a CPU run (unless lightning_env, to measure that).
-    with contextlib.nullcontext() if lightning_env else run.torch_cuda_check():
+    with contextlib.nullcontext() if lightning_env else compute.torch_cuda_check():
         plain = Plain(case, total_steps=warmup + steps)
         done, samples, started, epoch = 0, 0, 0.0, 0
         plain.net.train()
@@ -391,7 +391,7 @@ def bare_lightning(case: Case, warmup: int, steps: int) -> float:
 
 
 def floor(case: Case, warmup: int, steps: int) -> float:
-    with run.torch_cuda_check():
+    with compute.torch_cuda_check():
         plain = Plain(case, total_steps=warmup + steps)
         x, y = next(plain.epoch(0))
         plain.net.train()
@@ -478,7 +478,7 @@ def overhead(case: Case, seconds: float, rounds: int) -> None:
         nvml = raw(case, warmup, steps, lightning_env=True)
         results["raw loop with Lightning's NVML check"].append(nvml)
         results[bare].append(bare_lightning(case, warmup, steps))
-        with run.torch_cuda_check():  # as the template trains on the CPU
+        with compute.torch_cuda_check():  # as the template trains on the CPU
             results[bare_torch_check].append(bare_lightning(case, warmup, steps))
         for name, (extra, bar) in variants.items():
             with live_progress_bar(bar) if bar else contextlib.nullcontext():
@@ -628,7 +628,7 @@ def _accuracy(net, normalise, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _raw_to_accuracy(case: Case, target: float, epochs: int):
-    with run.torch_cuda_check():
+    with compute.torch_cuda_check():
         plain = Plain(case)
         plain.scheduler = cosine(plain.optimizer, total_steps=epochs * plain.steps_per_epoch)
         dm = plain.dm
@@ -739,7 +739,7 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     allow_bench_targets()
-    run.set_threads("auto")  # what the template's `threads: auto` picks
+    compute.set_threads("auto")  # what the template's `threads: auto` picks
     allocator = steady_malloc()
     os.environ.setdefault("WANDB_SILENT", "true")
     mnist_root, mnist_kind = mnist_dir(args.data_dir)

@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 
 from trainlab.callbacks.progress import LiveBar
 from trainlab.classifier import Classifier
+from trainlab.compute import NVML_CHECK, torch_cuda_check
 from trainlab.nets import MLP, SmallCNN
 from trainlab.profiler import NullProfiler
-from trainlab.run import NVML_CHECK, torch_cuda_check
 from trainlab.train import train
 
 

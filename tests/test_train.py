@@ -159,7 +159,7 @@ def test_wandb_run_gets_flat_config_group_and_name(compose, tmp_path):
     from omegaconf import OmegaConf
 
     from trainlab.loggers import build_loggers
-    from trainlab.run import flat_hparams
+    from trainlab.run_record import flat_hparams
     from trainlab.train import _finish_wandb
 
     cfg = compose("optimizer=sgd", "tags=[a,b]")

@@ -29,13 +29,13 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    from trainlab import checkpoint, run
+    from trainlab import checkpoint, compute, console, run_record
     from trainlab.callbacks.progress import progress_bar
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run.quiet_lightning()
-    run.set_threads(cfg.threads)
+    console.quiet_lightning()
+    compute.set_threads(cfg.threads)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, verbose=False)
 
@@ -69,7 +69,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
         **{k: float(v) for k, v in results.items()},
     }
     if trainer.is_global_zero:
-        run.write_json(run_dir / run.METRICS_FILE, record)
+        run_record.write_json(run_dir / run_record.METRICS_FILE, record)
     return record
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from hydra_plugins.trainlab_sweeps import process_launcher
 from trainlab import run_dirs
 from trainlab.commands import override, train_command
-from trainlab.config import CONF_DIR, check_command_line, check_values, shared_run_name
+from trainlab.config import CONF_DIR, check_command_line, check_values
 from trainlab.errors import Interrupted, exit_on_user_error
 
 
@@ -37,7 +37,7 @@ def train(
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from trainlab import checkpoint, run
+    from trainlab import checkpoint, compute, console, run_record
     from trainlab.callbacks import RunInfo, pruning
     from trainlab.callbacks.guards import RanksAgree
     from trainlab.callbacks.monitor import Best
@@ -45,8 +45,8 @@ def train(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run.quiet_lightning()
-    threads = run.set_threads(cfg.threads)
+    console.quiet_lightning()
+    threads = compute.set_threads(cfg.threads)
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -76,7 +76,7 @@ def train(
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
     config["effective_batch_size"], config["effective_lr"] = batch_size, lr
     for logger in loggers:
-        logger.log_hyperparams(run.flat_hparams(config, choices))
+        logger.log_hyperparams(run_record.flat_hparams(config, choices))
 
     record: dict[str, Any] = {
         "status": "running",
@@ -92,9 +92,10 @@ def train(
     }
     started = time.perf_counter()
     try:
-        with run.torch_cuda_check(trainer):
+        with compute.torch_cuda_check(trainer):
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        record.update(run.final_metrics(trainer))  # testing replaces Lightning's record of these
+        # testing replaces Lightning's record of these
+        record.update(run_record.final_metrics(trainer))
         if trainer.interrupted:
             record["status"] = "interrupted"
         elif pruning.pruned(trainer):  # stopped early by the sweep's pruner: no test
@@ -113,7 +114,7 @@ def train(
         record["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:
-        record.update(run.final_metrics(trainer))
+        record.update(run_record.final_metrics(trainer))
         record["epochs"] = trainer.current_epoch
         record["steps"] = trainer.global_step
         record["steps_per_call"] = getattr(
@@ -127,9 +128,9 @@ def train(
         record["monitor"] = monitored.record()
         if trainer.is_global_zero:
             try:
-                run.write_json(run_dir / run.METRICS_FILE, record)
+                run_record.write_json(run_dir / run_record.METRICS_FILE, record)
             except OSError as e:  # e.g. the disk is full: report it, keep the original error
-                print(f"could not write {run_dir / run.METRICS_FILE}: {e}", file=sys.stderr)
+                print(f"could not write {run_dir / run_record.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()
     return record
 
@@ -197,7 +198,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from trainlab.run import print_config
+    from trainlab.console import print_config
 
     hc = HydraConfig.get()
     # A job of a sweep runs as a single run in its own process; the launcher names its sweep.
@@ -260,9 +261,9 @@ def _point_resume_at_its_run() -> None:
         return
     if any(a.startswith("hydra.run.dir=") for a in args):
         return  # the run to continue is named
-    if shared_run_name():
+    if run_dirs.shared_run_name():
         return  # every process of a distributed job (and its requeued self) has one directory
-    from trainlab.run import unfinished_run
+    from trainlab.run_record import unfinished_run
 
     overrides = [a for a in args if not a.startswith("-")]
     runs_dir = Path(str(run_dirs.compose("train", overrides).hydra.run.dir)).parent

@@ -400,7 +400,7 @@ class SweepRecord:
             self._save()
 
     def _save(self) -> None:  # with self._lock held
-        from trainlab.run import write_json
+        from trainlab.run_record import write_json
 
         self.data["launcher"]["heartbeat"] = round(time.time(), 1)
         if self._shared:  # the other sweeps' jobs as they wrote them

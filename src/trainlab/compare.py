@@ -1,6 +1,6 @@
 """Compare runs without a server: a leaderboard in the terminal, plots as PNG and one HTML page.
 
-    python -m trainlab.compare logs/ [more folders] [--metric val/acc_best] [--out DIR] [--top 5]
+    python -m trainlab.compare logs/ [more folders] [--metric val/f1] [--out DIR] [--top 5]
 
 It finds every run and sweep at or below the folders it is given, and reads what every run
 directory holds (metrics.json, metrics.csv, .hydra/config.yaml) and each sweep's sweep.json,
@@ -8,6 +8,10 @@ so it works on finished sweeps, on sweeps still running, stopped or dead, and on
 some jobs failed (listed with their error; interrupted and pending jobs with the command that
 continues them). A record it cannot read is named with what is wrong, never skipped. Runs that
 differ only by their seed are grouped, their metric shown as mean +- std.
+
+Runs are ranked by the metric their config's `monitor` names: by each run's best value of it
+(metrics.json's monitor.best, shown as e.g. val/acc_best), best first as monitor.mode says.
+`--metric` ranks by any other metric in metrics.json instead.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import html
 import json
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     resume: str | None = None  # the command that continues it (interrupted or pending)
+    monitor: dict[str, Any] = field(default_factory=dict)  # metric, mode, best: see _monitor
 
     @property
     def group(self) -> tuple[str, ...]:
@@ -164,7 +170,7 @@ def _load_run(run_dir: Path, job: dict[str, Any], problems: list[Problem]) -> Ru
     if status == "interrupted" and not resume and not job:  # a single run
         again = [o for o in overrides if not o.startswith("resume=")]
         resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
-    return Run(
+    run = Run(
         dir=run_dir,
         overrides=list(overrides),
         status=status,
@@ -173,6 +179,30 @@ def _load_run(run_dir: Path, job: dict[str, Any], problems: list[Problem]) -> Ru
         config=config if isinstance(config, dict) else {},
         resume=resume,
     )
+    run.monitor = _monitor(run, source)
+    if run.monitor["best"] is not None:  # ranked as <metric>_best, e.g. val/acc_best
+        run.metrics[f"{run.monitor['metric']}_best"] = run.monitor["best"]
+    return run
+
+
+def _monitor(run: Run, record: dict[str, Any]) -> dict[str, Any]:
+    """The run's monitored metric, its mode and its best value, as metrics.json records them.
+    A record from before `monitor` existed (or from sweep.json) takes them from the config
+    (or best.ckpt's monitor then; val/acc, max, by default), and the best value from the
+    record's `<metric>_best` or else from metrics.csv."""
+    recorded = record.get("monitor")
+    if isinstance(recorded, dict) and recorded.get("metric"):
+        return {"best": None, **recorded}
+    config = run.param("monitor") or run.param("callbacks.checkpoint") or {}
+    metric = config.get("metric", config.get("monitor", "val/acc"))
+    mode = config.get("mode") or "max"
+    if not isinstance(metric, str):
+        return {"metric": None, "mode": mode, "best": None}
+    values = [value for _, value in run.history(metric)]
+    best = run.metrics.get(f"{metric}_best")
+    if best is None and values:
+        best = min(values) if mode == "min" else max(values)
+    return {"metric": metric, "mode": mode, "best": best}
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:
@@ -210,7 +240,8 @@ def _first_line(error: Exception) -> str:
 
 
 def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
-    """One row per setting (runs equal but for the seed), best first."""
+    """One row per setting (runs equal but for the seed), best first, with the columns of
+    _columns(metric)."""
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         if run.status == "finished" and metric in run.metrics:
@@ -221,7 +252,7 @@ def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
     for group, members in groups.items():
         label = " ".join(o for o in group if o not in shared) or "(defaults)"
         row: dict[str, Any] = {"overrides": label, "runs": members, "shared": sorted(shared)}
-        for key in dict.fromkeys([metric, "test/acc", "val/loss"]):
+        for key in _columns(metric):
             values = [r.metrics[key] for r in members if key in r.metrics]
             if values:
                 row[key] = (
@@ -229,12 +260,30 @@ def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
                     statistics.stdev(values) if len(values) > 1 else 0.0,
                 )
         rows.append(row)
-    rows.sort(key=lambda r: r[metric][0], reverse=not lower_is_better(metric))
+    rows.sort(key=lambda r: r[metric][0], reverse=not lower_is_better(runs, metric))
     return rows
 
 
-def lower_is_better(metric: str) -> bool:
+def monitored(runs: list[Run]) -> str:
+    """What to rank by unless told: the best value of the metric most runs monitor."""
+    metrics = Counter(r.monitor["metric"] for r in runs if r.monitor.get("metric"))
+    return f"{metrics.most_common(1)[0][0] if metrics else 'val/acc'}_best"
+
+
+def lower_is_better(runs: list[Run], metric: str) -> bool:
+    """As the mode of the monitor of runs that monitor `metric` says; for any other metric, a
+    guess from its name."""
+    for run in runs:
+        name = run.monitor.get("metric")
+        if name and metric in (name, f"{name}_best"):
+            return run.monitor.get("mode") == "min"
     return "loss" in metric or "error" in metric
+
+
+def _columns(metric: str) -> list[str]:
+    """The ranked metric, its test split's counterpart (val/acc_best: test/acc) and val/loss."""
+    tested = metric.removesuffix("_best").replace("val/", "test/", 1)
+    return list(dict.fromkeys([metric, tested, "val/loss"]))
 
 
 def fmt(value: tuple[float, float] | None, n: int) -> str:
@@ -245,19 +294,19 @@ def fmt(value: tuple[float, float] | None, n: int) -> str:
 
 
 def print_leaderboard(
-    rows: list[dict[str, Any]], others: list[Run], metric: str, problems: list[Problem]
+    rows: list[dict[str, Any]], others: list[Run], metric: str, lower: bool, problems: list[Problem]
 ) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    better = "lower" if lower_is_better(metric) else "higher"
+    better = "lower" if lower else "higher"
     shared = " ".join(rows[0]["shared"]) if rows else ""
     table = Table(
         title=f"runs by {metric} ({better} is better)",
         caption=f"all runs: {shared}" if shared else None,
     )
-    columns = list(dict.fromkeys([metric, "test/acc", "val/loss"]))
+    columns = _columns(metric)
     for name in ("#", "overrides", "runs", *columns):
         table.add_column(name, justify="left" if name == "overrides" else "right")
     for i, row in enumerate(rows, 1):
@@ -278,8 +327,9 @@ def print_leaderboard(
 
 
 def _progress(run: Run) -> str:
-    history = run.history("val/acc")
-    return f"at epoch {history[-1][0]}, val/acc {history[-1][1]:.4f}" if history else ""
+    metric = run.monitor.get("metric")
+    history = run.history(metric) if metric else []
+    return f"at epoch {history[-1][0]}, {metric} {history[-1][1]:.4f}" if history else ""
 
 
 def plot_lr(runs: list[Run], metric: str, path: Path) -> None:
@@ -308,26 +358,28 @@ def plot_lr(runs: list[Run], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, top: int) -> None:
-    """Validation accuracy and training loss by epoch for the best `top` settings."""
+def plot_curves(rows: list[dict[str, Any]], metric: str, path: Path, top: int) -> None:
+    """`metric` (its value each epoch, not its best so far) and training loss by epoch for the
+    best `top` settings."""
     import matplotlib.pyplot as plt
 
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    curve = metric.removesuffix("_best")
+    fig, (metric_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for row in rows[:top]:
         for j, run in enumerate(row["runs"]):
             label = row["overrides"] if j == 0 else None
             color = f"C{rows.index(row) % 10}"
-            acc, loss = run.history("val/acc"), run.history("train/loss_epoch")
-            if acc:
-                acc_ax.plot(*zip(*acc, strict=True), color=color, label=label, alpha=0.85)
+            values, loss = run.history(curve), run.history("train/loss_epoch")
+            if values:
+                metric_ax.plot(*zip(*values, strict=True), color=color, label=label, alpha=0.85)
             if loss:
                 loss_ax.plot(*zip(*loss, strict=True), color=color, alpha=0.85)
-    acc_ax.set(xlabel="epoch", ylabel="val/acc", title=f"validation accuracy, best {top}")
+    metric_ax.set(xlabel="epoch", ylabel=curve, title=f"{curve} by epoch, best {top}")
     loss_ax.set(xlabel="epoch", ylabel="train/loss", title="training loss", yscale="log")
-    for ax in (acc_ax, loss_ax):
+    for ax in (metric_ax, loss_ax):
         ax.grid(True, alpha=0.3)
     if rows:
-        acc_ax.legend(fontsize=7)
+        metric_ax.legend(fontsize=7)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -341,7 +393,7 @@ def write_html(
     problems: list[Problem],
 ) -> None:
     """One page with everything inline (tables, and the PNGs as data URIs): easy to share."""
-    columns = list(dict.fromkeys([metric, "test/acc", "val/loss"]))
+    columns = _columns(metric)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ("#", "overrides", "runs", *columns))
     body = "".join(
         "<tr>"
@@ -388,21 +440,24 @@ def write_html(
     )
 
 
-def compare(paths: list[Path], metric: str, out: Path, top: int = 5) -> dict[str, Any]:
-    """Print the leaderboard and write lr_sweep.png, curves.png and report.html into `out`."""
+def compare(paths: list[Path], metric: str | None, out: Path, top: int = 5) -> dict[str, Any]:
+    """Print the leaderboard (by `metric`, or by the runs' monitor if None) and write
+    lr_sweep.png, curves.png and report.html into `out`."""
     runs, problems = find_runs(paths)
+    metric = metric or monitored(runs)
     rows = leaderboard(runs, metric)
     pruned = [r for r in runs if r.status == "pruned"]  # by an Optuna sweep: listed apart
     others = pruned + [r for r in runs if r.status not in ("finished", "pruned")]
-    print_leaderboard(rows, others, metric, problems)
+    print_leaderboard(rows, others, metric, lower_is_better(runs, metric), problems)
     out.mkdir(parents=True, exist_ok=True)
     images = [out / "lr_sweep.png", out / "curves.png"]
     plot_lr(runs, metric, images[0])
-    plot_curves(rows, images[1], top)
+    plot_curves(rows, metric, images[1], top)
     write_html(out / "report.html", rows, others, metric, images, problems)
     print(f"plots and report written to {out}")
     not_finished = others[len(pruned) :]
     return {
+        "metric": metric,
         "runs": runs,
         "rows": rows,
         "pruned": pruned,
@@ -421,7 +476,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "dirs", nargs="+", type=Path, help="run or sweep directories, or folders holding them"
     )
-    parser.add_argument("--metric", default="val/acc_best", help="sort by (default val/acc_best)")
+    parser.add_argument(
+        "--metric", help="sort by (default: the monitored metric's best value, e.g. val/acc_best)"
+    )
     parser.add_argument("--out", type=Path, help="where to write (default <first dir>/compare)")
     parser.add_argument("--top", type=int, default=5, help="settings to draw learning curves of")
     args = parser.parse_args(argv)
@@ -431,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         result = compare(args.dirs, args.metric, args.out or args.dirs[0] / "compare", args.top)
     if not result["rows"]:
-        print(f"error: no finished run has {args.metric}.", file=sys.stderr)
+        print(f"error: no finished run has {result['metric']}.", file=sys.stderr)
         raise SystemExit(1)
 
 

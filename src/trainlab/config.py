@@ -151,6 +151,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "test": (lambda v: isinstance(v, bool), "true or false"),
     "lr_scaling.rule": (lambda v: v in ("none", "linear", "sqrt"), "none, linear or sqrt"),
     "lr_scaling.base_batch_size": (_positive_int, "a positive integer"),
+    "monitor.metric": (
+        _optional(lambda v: isinstance(v, str) and v != ""),
+        "the name of a logged metric (e.g. val/loss), or null",
+    ),
+    "monitor.mode": (lambda v: v in ("min", "max"), "min (lower is better) or max"),
     "checkpoint_every_n_steps": (_optional(_positive_int), "a positive integer or null"),
     # it names the module a sweep's launcher runs (trainlab.<name>): a plain name only
     "hydra.job.name": (_plain_name, "a plain name (letters, digits, _ and -)"),

@@ -59,10 +59,9 @@ def build_loggers(
             if rank_zero_only.rank == 0:  # the W&B run exists on rank zero only
                 if offline and why:
                     _announce_offline(logger, why)
-                # W&B's run table shows each run's best epoch, not its last.
-                logger.experiment.define_metric("val/acc", summary="max")
-                logger.experiment.define_metric("val/acc_best", summary="max")
-                logger.experiment.define_metric("val/loss", summary="min")
+                # W&B's run table (and a W&B sweep) shows the best epoch's value, not the last.
+                if cfg.monitor.metric:
+                    logger.experiment.define_metric(cfg.monitor.metric, summary=cfg.monitor.mode)
         else:
             logger = instantiate(logger_cfg, save_dir=str(run_dir))
         loggers.append(logger)

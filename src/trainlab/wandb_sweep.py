@@ -30,6 +30,7 @@ def definition(overrides: list[str]) -> dict[str, Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
+    from hydra_plugins.trainlab_sweeps.optuna_sweeper import direction
     from trainlab.config import CONF_DIR, check_command_line
 
     check_command_line("train", overrides)
@@ -64,15 +65,16 @@ def definition(overrides: list[str]) -> dict[str, Any]:
 
     searched = any("distribution" in p for p in parameters.values())
     fixed = [o for o in overrides if not o.startswith(("hparams_search=", "hydra."))]
-    sweep = {
-        "method": "bayes" if searched else "grid",
-        "metric": {
-            "name": cfg.hydra.sweeper.get("metric", "val/acc_best"),
-            "goal": cfg.hydra.sweeper.get("direction", "maximize"),
-        },
-        "parameters": parameters,
-        "command": [*COMMAND_HEAD, *fixed, COMMAND_TAIL],
-    }
+    if searched and not cfg.monitor.metric:
+        raise UserError(
+            "monitor.metric is null, so W&B's Bayesian search has nothing to optimise: set the "
+            "metric whose best value ranks runs, e.g. 'monitor.metric=val/loss monitor.mode=min'."
+        )
+    sweep: dict[str, Any] = {"method": "bayes" if searched else "grid"}
+    if cfg.monitor.metric:  # W&B reads the run summary's, which trainlab.loggers makes the best
+        sweep["metric"] = {"name": cfg.monitor.metric, "goal": direction(cfg)}
+    sweep["parameters"] = parameters
+    sweep["command"] = [*COMMAND_HEAD, *fixed, COMMAND_TAIL]
     check_definition(sweep, "the sweep definition")
     return sweep
 

@@ -7,8 +7,11 @@ Trials run through the sweep's launcher, one process each. With n_jobs > 1, n_jo
 each ask the sampler for a trial as soon as their previous one ends (TPE's constant liar keeps
 them from asking for the trials that are still running), so a slow trial holds only its own slot.
 
+The objective is the config's `monitor`: each trial's best value of monitor.metric (metrics.json's
+monitor.best), maximised or minimised as monitor.mode says unless `direction` is set.
+
 Pruning: with `pruner=median` (or hyperband, successive_halving, threshold) every trial reports
-the metric to the study after each epoch and stops early when the pruner says so (see
+its best value so far to the study after each epoch and stops early when the pruner says so (see
 trainlab.callbacks.pruning); it is recorded as "pruned", not failed.
 
 Storage: by default the study lives in <sweep dir>/optuna.db, so the same command run again
@@ -58,6 +61,7 @@ PRUNERS = {
     "threshold": "ThresholdPruner",
 }
 ORPHAN_AFTER_S = 60  # a running trial with no owner recorded this long is left from a crash
+DIRECTIONS = {"max": "maximize", "min": "minimize"}  # monitor.mode in Optuna's (and W&B's) words
 
 
 class OptunaSweeper(Sweeper):
@@ -65,17 +69,23 @@ class OptunaSweeper(Sweeper):
         self,
         params: dict[str, str],
         n_trials: int,
-        metric: str = "val/acc_best",
-        direction: str = "maximize",
+        direction: str | None = None,
         study_name: str = "study",
         seed: int | None = None,
         storage: str | None = None,
         pruner: str = "none",
         pruner_args: dict[str, Any] | None = None,
+        metric: str | None = None,
     ) -> None:
+        if metric is not None:
+            raise UserError(
+                f"hydra.sweeper.metric={metric}: the sweeper optimises the config's monitor "
+                "instead; set monitor.metric (and monitor.mode, min or max) there, e.g. "
+                "'monitor.metric=val/loss monitor.mode=min'."
+            )
         self.params = _flat(params or {})
         self.n_trials = n_trials
-        self.metric = metric
+        self.metric: str | None = None  # monitor.metric, known in setup()
         self.direction = direction
         self.study_name = study_name
         self.seed = seed
@@ -90,6 +100,8 @@ class OptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
+        self.metric = config.monitor.metric
+        self.direction = direction(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -102,6 +114,12 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         assert self.config is not None
+        if not self.metric:
+            raise UserError(
+                "monitor.metric is null, so a trial has no value for Optuna to optimise: set "
+                "the metric whose best value should rank trials, e.g. 'monitor.metric=val/loss "
+                "monitor.mode=min'."
+            )
         space = search_space(self.params)
         fixed = _fixed_arguments(arguments)
         make_pruner(self.pruner, self.pruner_args)  # a typo fails here, not in every trial
@@ -110,7 +128,10 @@ class OptunaSweeper(Sweeper):
         n_jobs = getattr(self.launcher, "n_jobs", 1)
         if self.config.hydra.launcher.get("dry_run"):
             goal = "maximising" if self.direction == "maximize" else "minimising"
-            print(f"Optuna study '{self.study_name}': {self.n_trials} trials {goal} {self.metric}")
+            print(
+                f"Optuna study '{self.study_name}': {self.n_trials} trials {goal} the best "
+                f"{self.metric} of each"
+            )
             print(f"  stored in {storage}, pruner {self.pruner}, {n_jobs} trial(s) at a time")
             for key, dist in space.items():
                 print(f"  {key}: {dist}")
@@ -128,7 +149,6 @@ class OptunaSweeper(Sweeper):
             {
                 "storage": storage,
                 "study": self.study_name,
-                "metric": self.metric,
                 "pruner": self.pruner,
                 "pruner_args": self.pruner_args,
             }
@@ -144,7 +164,7 @@ class OptunaSweeper(Sweeper):
         if completed:
             best = study.best_trial
             params = " ".join(f"{k}={v}" for k, v in best.params.items())
-            log.info(f"Best {self.metric} = {best.value:.4f} (trial {best.number}): {params}")
+            log.info(f"Best {self.metric} {best.value:.4f} (trial {best.number}): {params}")
 
     def _open_study(self, storage: str) -> Any:
         import optuna
@@ -253,7 +273,7 @@ class OptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         status = record.get("status")
-        value = record.get(self.metric)
+        value = (record.get("monitor") or {}).get("best")  # the trial's best epoch's
         if status == "finished" and value is not None and math.isfinite(value):
             study.tell(trial, value)
         elif status == "pruned":
@@ -262,7 +282,7 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, state=TrialState.FAIL)
             self._stop.set()
         else:
-            trial.set_user_attr("error", record.get("error") or f"no {self.metric}")
+            trial.set_user_attr("error", record.get("error") or f"no value of {self.metric}")
             study.tell(trial, state=TrialState.FAIL)
 
     def _counted(self, study: Any) -> int:
@@ -273,6 +293,11 @@ class OptunaSweeper(Sweeper):
         by the storage in order, so of several sweeps asking at once the earlier numbers win."""
         before = [t for t in study.get_trials(deepcopy=False) if t.number < number]
         return sum(map(_counts, before)) < self.n_trials
+
+
+def direction(config: DictConfig) -> str:
+    """hydra.sweeper.direction where it is set, else monitor.mode's: maximize or minimize."""
+    return config.hydra.sweeper.get("direction") or DIRECTIONS[config.monitor.mode]
 
 
 def _counts(trial: Any) -> bool:

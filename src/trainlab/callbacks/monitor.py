@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+
 class Best(pl.Callback):
     """The best finite value of `metric` after any validation (sanity checks aside), and the
     epoch it came at. Kept in checkpoints, so a resumed run remembers the epochs before."""

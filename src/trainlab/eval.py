@@ -6,7 +6,6 @@ The model and data set are rebuilt from the config stored in the checkpoint; the
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab import run_dirs
-from trainlab.config import CONF_DIR, check_command_line, check_targets, check_values
+from trainlab import cli
+from trainlab.config import CONF_DIR, check_targets, check_values
 from trainlab.errors import UserError, exit_on_user_error
 
 
@@ -85,13 +84,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from hydra_plugins.trainlab_sweeps import process_launcher
-
-    process_launcher.stop_with_parent()  # a job of a sweep stops when the sweep dies
-    with exit_on_user_error():
-        sys.argv[1:] = check_command_line("eval", sys.argv[1:])
-        sys.argv += run_dirs.run_dir_arguments("eval", sys.argv[1:])
-    process_launcher.run_and_report(_hydra_main)  # a stopped or failed sweep: one paragraph
+    """Check and complete the command line (trainlab.cli), then run Hydra."""
+    cli.run("eval", _hydra_main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from trainlab import run_dirs
-from trainlab.config import CONF_DIR, check_command_line
+from trainlab import cli
+from trainlab.config import CONF_DIR
 from trainlab.errors import UserError, exit_on_user_error
 from trainlab.predict import METADATA_KEY, load_exported
 
@@ -114,10 +113,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    with exit_on_user_error():
-        sys.argv[1:] = check_command_line("export", sys.argv[1:])
-        sys.argv += run_dirs.run_dir_arguments("export", sys.argv[1:])
-    _hydra_main()
+    """Check and complete the command line (trainlab.cli), then run Hydra."""
+    cli.run("export", _hydra_main, sweeps=False)
 
 
 if __name__ == "__main__":

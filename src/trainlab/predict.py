@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from trainlab import run_dirs
-from trainlab.config import CONF_DIR, check_command_line
+from trainlab import cli
+from trainlab.config import CONF_DIR
 from trainlab.errors import UserError, exit_on_user_error
 
 # The key of the preprocessing JSON: ONNX metadata_props key, TorchScript extra file name.
@@ -215,10 +214,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    with exit_on_user_error():
-        sys.argv[1:] = check_command_line("predict", sys.argv[1:])
-        sys.argv += run_dirs.run_dir_arguments("predict", sys.argv[1:])
-    _hydra_main()
+    """Check and complete the command line (trainlab.cli), then run Hydra."""
+    cli.run("predict", _hydra_main, sweeps=False)
 
 
 if __name__ == "__main__":

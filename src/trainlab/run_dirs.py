@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,23 @@ def shared_run_name() -> str | None:
     return None
 
 
-def run_dir_arguments(entry: str, argv: list[str]) -> list[str]:
-    """The override naming the directory just created for this command, to append to argv;
-    none where the command names its own or runs nothing (--help, --cfg, --info)."""
+@dataclass
+class Chosen:
+    """The run directory an entry point's command will use."""
+
+    arguments: list[str]  # to append to the command line: the override naming a new directory
+    sweep_dir: Path | None = None  # a sweep's directory (where it writes sweep.json)
+
+
+def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
+    """Create the directory this command will run in (a new one, unless the command names it or
+    it is shared on purpose), and say how to hand it to Hydra; nothing where the command runs
+    nothing (--help, --cfg, --info)."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_known_args(argv)[0]
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
-        return []
+        return Chosen([])
     cfg = compose(entry, args.overrides, args.config_name)
     multirun = args.multirun or str(cfg.hydra.mode).endswith("MULTIRUN")  # -m or hydra.mode
     if not multirun:
@@ -70,13 +80,15 @@ def run_dir_arguments(entry: str, argv: list[str]) -> list[str]:
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
     path = Path(str(OmegaConf.select(cfg, key)))
+    arguments = []
     if any(a.lstrip("+").startswith(f"{key}=") for a in args.overrides):
         make_dir(path, key)
-        return []
-    if not _unresolved(cfg, key).endswith(NEW_NAME) or shared_run_name():
+    elif not _unresolved(cfg, key).endswith(NEW_NAME) or shared_run_name():
         make_dir(path, "paths.log_dir")
-        return []
-    return [override(key, claim(path))]
+    else:
+        path = claim(path)
+        arguments = [override(key, path)]
+    return Chosen(arguments, path if multirun else None)
 
 
 def claim(path: Path) -> Path:

@@ -7,7 +7,6 @@ checked, so `--help` and typos answer at once.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -18,9 +17,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
-from trainlab import run_dirs
+from trainlab import cli
 from trainlab.commands import override, train_command
-from trainlab.config import CONF_DIR, check_command_line, check_values
+from trainlab.config import CONF_DIR, check_values
 from trainlab.errors import Interrupted, exit_on_user_error
 
 
@@ -228,72 +227,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Check the command line, choose the run directory, run Hydra, and exit non-zero if a
+    """Check and complete the command line (trainlab.cli), run Hydra, and exit non-zero if a
     sweep was stopped or any job of it did not finish.
 
     `--dry-run` lists the jobs a sweep would run (their overrides and their number) and stops.
     """
-    process_launcher.stop_with_parent()  # a job of a sweep stops when the sweep dies
-    dry_run = "--dry-run" in sys.argv
-    if dry_run:
-        sys.argv = [arg for arg in sys.argv if arg != "--dry-run"]
-    scratch = None
-    with exit_on_user_error():
-        sys.argv[1:] = check_command_line("train", sys.argv[1:])
-        if dry_run:
-            scratch = _dry_run_arguments()
-        else:
-            _point_resume_at_its_run()
-            _point_resume_at_its_sweep()
-            sys.argv += run_dirs.run_dir_arguments("train", sys.argv[1:])
-    try:
-        process_launcher.run_and_report(_hydra_main)
-    finally:
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _point_resume_at_its_run() -> None:
-    """`resume=auto` (single runs): reuse the directory of the newest unfinished run of the same
-    command, which Hydra must know before it creates a new one."""
-    args = sys.argv[1:]
-    if "resume=auto" not in args or {"-m", "--multirun"} & set(args):
-        return
-    if any(a.startswith("hydra.run.dir=") for a in args):
-        return  # the run to continue is named
-    if run_dirs.shared_run_name():
-        return  # every process of a distributed job (and its requeued self) has one directory
-    from trainlab.run_record import unfinished_run
-
-    overrides = [a for a in args if not a.startswith("-")]
-    runs_dir = Path(str(run_dirs.compose("train", overrides).hydra.run.dir)).parent
-    found = unfinished_run(runs_dir, overrides)
-    if found is None:
-        print(f"resume=auto: no unfinished run of this command in {runs_dir}; starting a new run.")
-    else:
-        print(f"resume=auto: continuing {found}")
-        sys.argv.append(override("hydra.run.dir", found))
-
-
-def _point_resume_at_its_sweep() -> None:
-    """`-m ... resume=auto`: continue the newest unfinished sweep of the same command, in its
-    own directory, which Hydra must know before it creates a new one. (A sweep whose directory
-    is not new for each run, such as an Optuna study's, continues there anyway.)"""
-    args = sys.argv[1:]
-    if "resume=auto" not in args or not {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args):
-        return
-    if any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in args):
-        return  # the sweep to continue is named
-    cfg = run_dirs.compose("train", [a for a in args if not a.startswith("-")])
-    if not OmegaConf.to_container(cfg.hydra.sweep)["dir"].endswith(run_dirs.NEW_NAME):
-        return
-    sweeps_dir = Path(str(cfg.hydra.sweep.dir)).parent
-    found = process_launcher.unfinished_sweep(sweeps_dir, args)
-    if found is None:
-        print(f"resume=auto: no unfinished sweep of this command in {sweeps_dir}; a new sweep.")
-    else:
-        print(f"resume=auto: continuing the sweep in {found}")
-        sys.argv.append(override("hydra.sweep.dir", found))
+    cli.run("train", _hydra_main)
 
 
 def _finished_already(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict | None:
@@ -311,18 +250,6 @@ def _finished_already(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> d
         return None
     same = process_launcher.same_job(record.get("overrides") or [], overrides)
     return record if same else None
-
-
-def _dry_run_arguments() -> str:
-    """Turn the command into a multirun whose launcher only prints its jobs, in a scratch dir
-    (Hydra writes multirun.yaml there), which main() removes afterwards."""
-    import tempfile
-
-    if not {"-m", "--multirun"} & set(sys.argv):
-        sys.argv.insert(1, "-m")
-    scratch = tempfile.mkdtemp(prefix="trainlab-dry-run-")
-    sys.argv += ["hydra.launcher.dry_run=true", override("hydra.sweep.dir", scratch)]
-    return scratch
 
 
 if __name__ == "__main__":

@@ -53,10 +53,6 @@ PARENT_ENV = "TRAINLAB_SWEEP_PARENT"  # the launcher's pid: its jobs stop when i
 DONE = ("finished", "pruned")  # a job's ends that need nothing more
 HEARTBEAT_S = 10  # how often a running sweep touches sweep.json; silent 6 times this: dead
 
-# The sweep.json of every sweep this process ran, newest last: the entry point reports from
-# them. (Read it through the module: Hydra's plugin scan re-executes it, rebinding globals.)
-RECORDS: list[Path] = []
-
 
 class SweepStopped(BaseException):
     """A signal stopped the sweep after every job was recorded. Not an Exception, so that
@@ -125,7 +121,6 @@ class ProcessLauncher(Launcher):
                 self.record.data["sweeper"] = OmegaConf.select(
                     self.config, "hydra.sweeper._target_", default=None
                 )
-                RECORDS.append(self.record.path)
                 self._slots = queue.Queue()
                 for slot in gpu_slots(self.n_jobs, self.gpus_per_job):
                     self._slots.put(slot)
@@ -494,17 +489,20 @@ def sweep_status(record: dict[str, Any]) -> str:
     return "died" if status == "running" and not launcher_alive(record) else status
 
 
-def run_and_report(hydra_main: Any) -> None:
-    """For an entry point: run its Hydra main, then report every sweep it ran (see report).
+def run_and_report(hydra_main: Any, sweep_dir: Path | None, since: float) -> None:
+    """For an entry point: run its Hydra main, then report the sweep it ran in sweep_dir (see
+    report): its sweep.json, where written since `since` (time.time()); an older one is an
+    earlier run's, and a dry run writes none.
 
-    SweepStopped and RECORDS are looked up here, in this module, at the moment they are
-    needed: Hydra's plugin scan re-executes the module, so names imported before it are stale.
+    SweepStopped is looked up here, in this module, at the moment it is needed: Hydra's plugin
+    scan re-executes the module, so names imported before it are stale.
     """
     try:
         hydra_main()
     except SweepStopped as stopped:
         report(stopped.record, stopped.signum)
-    for record in RECORDS:
+    record = sweep_dir / SUMMARY_FILE if sweep_dir else None
+    if record and record.is_file() and record.stat().st_mtime >= since:
         report(record)
 
 

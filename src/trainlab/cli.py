@@ -1,0 +1,124 @@
+"""The command line of every entry point before Hydra reads it: checked, and completed with
+what Hydra must know before it starts. An entry point's main() is `cli.run(<entry>, _hydra_main)`.
+
+In order: `--dry-run` is taken out; the command line is checked (config.check_command_line);
+`resume=auto` finds the run, or the sweep, it continues; the run directory is chosen
+(run_dirs.claim_run_dir). A dry run instead becomes a sweep whose launcher only lists its jobs,
+in a scratch directory removed afterwards.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from trainlab import run_dirs
+from trainlab.commands import override
+from trainlab.config import check_command_line
+from trainlab.errors import exit_on_user_error
+
+MULTIRUN = {"-m", "--multirun", "hydra.mode=MULTIRUN"}
+
+
+@dataclass
+class Prepared:
+    """A command line as Hydra must read it."""
+
+    argv: list[str]
+    sweep_dir: Path | None = None  # where a sweep writes sweep.json (none for a single run)
+    scratch: Path | None = None  # a dry run's, removed once Hydra returns
+
+
+def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
+    """Prepare sys.argv for Hydra, run the entry point's Hydra main, and, where it can sweep,
+    report a sweep that was stopped or whose jobs did not all finish (one paragraph, non-zero
+    exit). A job of a sweep also stops when its sweep dies."""
+    from hydra_plugins.trainlab_sweeps import process_launcher
+
+    if sweeps:
+        process_launcher.stop_with_parent()
+    with exit_on_user_error():
+        prepared = prepare(entry, sys.argv[1:], sweeps)
+    sys.argv[1:] = prepared.argv
+    started = time.time()
+    try:
+        if sweeps:
+            process_launcher.run_and_report(hydra_main, prepared.sweep_dir, since=started)
+        else:
+            hydra_main()
+    finally:
+        if prepared.scratch:
+            shutil.rmtree(prepared.scratch, ignore_errors=True)
+
+
+def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
+    """The command line `python -m trainlab.<entry> <argv>` as Hydra must read it (see the
+    module's docstring); a UserError where it is wrong."""
+    dry_run = sweeps and "--dry-run" in argv
+    argv = check_command_line(entry, [a for a in argv if a != "--dry-run" or not sweeps])
+    if dry_run:
+        return _dry_run(argv)
+    argv = [*argv, *_resume_run(entry, argv), *_resume_sweep(entry, argv)]
+    chosen = run_dirs.claim_run_dir(entry, argv)
+    return Prepared([*argv, *chosen.arguments], sweep_dir=chosen.sweep_dir)
+
+
+def _resume_run(entry: str, args: list[str]) -> list[str]:
+    """`resume=auto` (single runs): the directory of the newest unfinished run of the same
+    command, which Hydra must know before it creates a new one."""
+    from trainlab.run_record import unfinished_run
+
+    if "resume=auto" not in args or MULTIRUN & set(args):
+        return []
+    if any(a.startswith("hydra.run.dir=") for a in args):
+        return []  # the run to continue is named
+    if run_dirs.shared_run_name():
+        return []  # every process of a distributed job (and its requeued self) has one directory
+    overrides = [a for a in args if not a.startswith("-")]
+    runs_dir = Path(str(run_dirs.compose(entry, overrides).hydra.run.dir)).parent
+    found = unfinished_run(runs_dir, overrides)
+    if found is None:
+        print(f"resume=auto: no unfinished run of this command in {runs_dir}; starting a new run.")
+        return []
+    print(f"resume=auto: continuing {found}")
+    return [override("hydra.run.dir", found)]
+
+
+def _resume_sweep(entry: str, args: list[str]) -> list[str]:
+    """`-m ... resume=auto`: the directory of the newest unfinished sweep of the same command,
+    which Hydra must know before it creates a new one. (A sweep whose directory is not new for
+    each run, such as an Optuna study's, continues there anyway.)"""
+    from hydra_plugins.trainlab_sweeps.process_launcher import unfinished_sweep
+
+    if "resume=auto" not in args or not MULTIRUN & set(args):
+        return []
+    if any(a.lstrip("+").startswith("hydra.sweep.dir=") for a in args):
+        return []  # the sweep to continue is named
+    cfg = run_dirs.compose(entry, [a for a in args if not a.startswith("-")])
+    if not OmegaConf.to_container(cfg.hydra.sweep)["dir"].endswith(run_dirs.NEW_NAME):
+        return []
+    sweeps_dir = Path(str(cfg.hydra.sweep.dir)).parent
+    found = unfinished_sweep(sweeps_dir, args)
+    if found is None:
+        print(f"resume=auto: no unfinished sweep of this command in {sweeps_dir}; a new sweep.")
+        return []
+    print(f"resume=auto: continuing the sweep in {found}")
+    return [override("hydra.sweep.dir", found)]
+
+
+def _dry_run(argv: list[str]) -> Prepared:
+    """`--dry-run`: a multirun whose launcher only prints its jobs (their overrides and their
+    number), in a scratch dir (Hydra writes multirun.yaml there)."""
+    if not {"-m", "--multirun"} & set(argv):
+        argv = ["-m", *argv]
+    scratch = Path(tempfile.mkdtemp(prefix="trainlab-dry-run-"))
+    argv = [*argv, "hydra.launcher.dry_run=true", override("hydra.sweep.dir", scratch)]
+    return Prepared(argv, scratch=scratch)

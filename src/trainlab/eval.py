@@ -29,6 +29,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     from trainlab import checkpoint, compute, console, run_record
+    from trainlab.callbacks.confusion import ConfusionMatrix
     from trainlab.callbacks.progress import progress_bar
 
     run_dir = Path(run_dir)
@@ -55,7 +56,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
-        callbacks=[progress_bar()],
+        callbacks=[progress_bar(), ConfusionMatrix()],
         default_root_dir=str(run_dir),
     )
     run_split = trainer.test if cfg.split == "test" else trainer.validate

@@ -123,7 +123,7 @@ def test_dry_run_lists_jobs_and_runs_nothing(tmp_path):
 
     result = run_cli("trainlab.train", "--dry-run", "hparams_search=optuna_lr_batch", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "20 trials maximising val/acc_best" in result.stdout
+    assert "20 trials maximising the best val/acc of each" in result.stdout
     assert "optimizer.lr: FloatDistribution" in result.stdout and "log=True" in result.stdout
     assert not (tmp_path / "logs").exists()
 
@@ -198,7 +198,7 @@ def test_wandb_sweep_definition_and_the_agents_command(tmp_path):
     sweep = yaml.safe_load(result.stdout)
     # what W&B requires of a definition
     assert sweep["method"] in {"grid", "random", "bayes"}
-    assert sweep["metric"] == {"name": "val/acc_best", "goal": "maximize"}
+    assert sweep["metric"] == {"name": "val/acc", "goal": "maximize"}  # its W&B summary: the max
     lr = sweep["parameters"]["optimizer.lr"]
     assert lr == {"distribution": "log_uniform_values", "min": 1e-4, "max": 0.1}
     assert sweep["parameters"]["data.batch_size"] == {"values": [32, 64, 128]}

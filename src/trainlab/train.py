@@ -40,6 +40,7 @@ def train(
     from trainlab.callbacks import RunInfo, pruning
     from trainlab.callbacks.guards import RanksAgree
     from trainlab.callbacks.monitor import Best
+    from trainlab.data.base import check_net_fits
     from trainlab.loggers import build_loggers
 
     run_dir = Path(run_dir)
@@ -69,6 +70,7 @@ def train(
     batch_size, lr = _effective_batch_size_and_lr(cfg, trainer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, lr=lr), scheduler=scheduler)
+    check_net_fits(model, datamodule, choices or {})  # a shape mismatch: one line, not a traceback
     if hasattr(model, "steps_per_call"):  # a Classifier: see trainlab.blocks
         model.steps_per_call = cfg.get("steps_per_call", "auto")
     if cfg.get("compile"):

@@ -315,3 +315,36 @@ class _Transformed(Dataset):
     def __getitem__(self, i: int):
         x, y = self.dataset[i]
         return self.transform(x), y
+
+
+def check_net_fits(model: pl.LightningModule, datamodule, choices: dict[str, str]) -> None:
+    """Refuse, in one line and before training, a net that cannot take the data's samples: one
+    forward pass of a zero batch of data.input_shape, without gradients and in eval mode (so no
+    statistics change), costs milliseconds, where the first training step would end in a raw
+    traceback about weight shapes. Models without a `net`, or data without an input_shape
+    (text), are not checked."""
+    net, shape = getattr(model, "net", None), getattr(datamodule, "input_shape", None)
+    if not isinstance(net, torch.nn.Module) or shape is None:
+        return
+    training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, *shape))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        model_name = choices.get("model", type(net).__name__)
+        data = f"data={choices['data']} gives" if "data" in choices else "the data give"
+        images = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+        if images and len(shape) != 3:
+            raise UserError(
+                f"model={model_name} takes images [C, H, W]; {data} samples of data.input_shape="
+                f"{list(shape)}: use model=mlp, which takes any shape, or a net made for them."
+            ) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"model={model_name} does not fit the data: {data} samples of data.input_shape="
+            f"{list(shape)}, on which its net fails ({reason}). Give the net that input shape "
+            "(model.net.input_shape=${data.input_shape}), or use another model."
+        ) from None
+    finally:
+        net.train(training)

@@ -21,7 +21,6 @@ BAD = [
     ("data.num_workers=abc", "auto or an integer >= 0"),
     ("data.num_workers=1.5", "auto or an integer >= 0"),
     ("data.batch_size=0", "a positive integer"),
-    ("data.val_size=0", "a fraction between 0 and 1"),
     ("data.val_size=1.5", "a fraction between 0 and 1"),
     ("data.val_size=-10", "a fraction between 0 and 1"),
     ("trainer.max_epochs=0", "a positive integer, or -1"),

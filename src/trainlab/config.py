@@ -106,7 +106,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v == "auto" or (_is_int(v) and v >= 0),
         "auto or an integer >= 0 (0: load in the main process)",
     ),
-    "data.val_size": (_fraction_or_count, FRACTION),
+    "data.val_size": (
+        lambda v: v in (0, None) or _fraction_or_count(v),
+        f"{FRACTION}, or 0 for no validation split",
+    ),
     "data.test_size": (_fraction_or_count, FRACTION),
     "trainer.max_epochs": (
         lambda v: v is None or (_is_int(v) and (v >= 1 or v == -1)),

@@ -31,15 +31,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def compose(tmp_path):
     """compose(*overrides, config="train") -> DictConfig with data and logs inside tmp_path."""
-    from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from trainlab.config import CONF_DIR
+    from trainlab.config import CONF_DIR, compose_with_parameters
 
     def _compose(*overrides: str, config: str = "train"):
         base = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="test"):
-            return hydra_compose(config, overrides=base + list(overrides))
+            return compose_with_parameters(config, base + list(overrides))
 
     return _compose
 
@@ -134,6 +133,16 @@ def start_cli(
         text=True,
         start_new_session=new_session,
     )
+
+
+def tiny_trainer(**overrides):
+    """A real pl.Trainer on the CPU that writes and prints nothing of its own, for a test of a
+    model or a callback: one epoch unless `overrides` say otherwise."""
+    import lightning.pytorch as pl
+
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    defaults = {"accelerator": "cpu", "devices": 1, "max_epochs": 1, **quiet}
+    return pl.Trainer(**{**defaults, "enable_model_summary": False, **overrides})
 
 
 def run_cli(

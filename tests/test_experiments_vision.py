@@ -22,7 +22,7 @@ from torchvision.models import resnet18 as torchvision_resnet18
 
 from trainlab.config import check_command_line
 from trainlab.errors import UserError
-from trainlab.nets.convnet import ConvNet
+from trainlab.nets.cnn_classic import ClassicCNN
 from trainlab.nets.resnet import resnet18
 from trainlab.nets.rnn import RowRNN
 from trainlab.nets.vit import ViT
@@ -30,9 +30,9 @@ from trainlab.train import train
 
 # experiment -> its data set and net
 EXPERIMENTS = {
-    "mnist_mlp": ("mnist", "trainlab.nets.MLP"),
-    "mnist_cnn": ("mnist", "trainlab.nets.convnet.ConvNet"),
-    "cifar10_cnn": ("cifar10", "trainlab.nets.convnet.ConvNet"),
+    "mnist_mlp": ("mnist", "trainlab.nets.mlp.MLP"),
+    "mnist_cnn": ("mnist", "trainlab.nets.cnn_classic.ClassicCNN"),
+    "cifar10_cnn": ("cifar10", "trainlab.nets.cnn_classic.ClassicCNN"),
     "cifar10_resnet18": ("cifar10", "trainlab.nets.resnet.resnet18"),
     "digits_lstm": ("digits", "trainlab.nets.rnn.RowRNN"),
     "mnist_vit": ("mnist", "trainlab.nets.vit.ViT"),
@@ -197,17 +197,17 @@ def test_gru_by_config(compose):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_convnet_flattens_the_whole_map(shape):
-    net = ConvNet(shape, 10, channels=[32, 64], hidden=128)
+def test_cnn_classic_flattens_the_whole_map(shape):
+    net = ClassicCNN(shape, 10, channels=[32, 64], hidden=128)
     side = shape[1] // 4  # two 2x2 max-pools
     assert net[7].in_features == 64 * side * side  # Flatten, then the first fc layer
     assert net(torch.rand(2, *shape)).shape == (2, 10)
 
 
-def test_convnet_refuses_more_pooling_than_the_image_allows():
-    ConvNet([1, 8, 8], 10, channels=[8, 8, 8])  # 8 -> 4 -> 2 -> 1
+def test_cnn_classic_refuses_more_pooling_than_the_image_allows():
+    ClassicCNN([1, 8, 8], 10, channels=[8, 8, 8])  # 8 -> 4 -> 2 -> 1
     with pytest.raises(UserError, match="at most 3 conv layers"):
-        ConvNet([1, 8, 8], 10, channels=[8, 8, 8, 8])
+        ClassicCNN([1, 8, 8], 10, channels=[8, 8, 8, 8])
 
 
 def test_resnet18_stem_keeps_32x32():

@@ -91,7 +91,7 @@ def test_no_cell_raised(executed):
 def test_prints_config_and_a_good_test_accuracy(executed):
     nb, _, _ = executed
     text = stdout_text(nb)
-    assert "_target_: trainlab.nets.SmallCNN" in text and "max_epochs: 5" in text
+    assert "_target_: trainlab.nets.cnn.SmallCNN" in text and "max_epochs: 5" in text
     assert "status: finished" in text
     match = re.search(r"test/acc: ([0-9.]+)", text)
     assert match, text[-2000:]

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from trainlab.commands import override, shell
-from trainlab.config import check_targets
+from trainlab.config import check_targets, rename_moved_targets
 from trainlab.errors import UserError
 
 KEY = "trainlab"  # the checkpoint's entry for what trainlab adds
@@ -83,6 +83,7 @@ def read(path: str | Path) -> dict[str, Any]:
             f"{path} holds no trainlab config: it was not written by trainlab.train, so the "
             "model cannot be rebuilt from it."
         )
+    rename_moved_targets(ckpt[KEY].get("config"))  # a run trained before a net or module moved
     check_targets(ckpt[KEY].get("config") or {}, f"checkpoint {path}")  # whatever reads it
     return ckpt
 

@@ -385,6 +385,41 @@ def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Any:
         raise UserError(f"the configs do not compose: {e}") from None
 
 
+def compose_with_parameters(config_name: str, overrides: list[str]) -> Any:
+    """Hydra's compose (inside its initialize_config_dir), where a key that no YAML file writes
+    but the `_target_` above it takes as a parameter (`data.per_device=true`) is set as if
+    written `++key=value`, as on the command line (check_command_line): for code that composes
+    configs itself, such as tests and notebooks. Any other unknown key fails as in Hydra."""
+    import re
+
+    from hydra import compose as hydra_compose
+    from hydra.errors import ConfigCompositionException
+
+    overrides, marked = list(overrides), []
+    while True:
+        try:
+            cfg = hydra_compose(config_name, overrides=overrides)
+            break
+        except ConfigCompositionException as e:  # Hydra names one key it cannot set at a time
+            refused = re.match(r"Could not override '([^']+)'", str(e))
+            at = [i for i, o in enumerate(overrides) if refused and _key_of(o) == refused[1]]
+            if not at or refused[1] in marked:
+                raise
+            overrides[at[-1]] = f"++{overrides[at[-1]]}"
+            marked.append(refused[1])
+    tree = _to_tree(cfg)
+    for key in marked:
+        if _constructor_parameter(tree, key) is None:
+            raise ConfigCompositionException(
+                f"Could not override '{key}'.\nTo append to your config use +{key}=..."
+            )
+    return cfg
+
+
+def _key_of(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
 def _to_tree(cfg: Any) -> dict:
     from omegaconf import OmegaConf
 
@@ -655,6 +690,34 @@ def known_targets() -> set[str]:
     # also list items (`- _target_: ...`), as in lists of transforms
     pattern = re.compile(r"^\s*(?:-\s+)?_target_:\s*([\w.]+)\s*$", re.MULTILINE)
     return {m for path in CONF_DIR.rglob("*.yaml") for m in pattern.findall(path.read_text())}
+
+
+# `_target_`s that conf/ once named by another path (package re-exports, the net now called
+# ClassicCNN). A checkpoint's stored config is read with the new names (checkpoint.read), so
+# that runs trained before still evaluate, export and resume.
+MOVED_TARGETS = {
+    "trainlab.nets.MLP": "trainlab.nets.mlp.MLP",
+    "trainlab.nets.SmallCNN": "trainlab.nets.cnn.SmallCNN",
+    "trainlab.nets.convnet.ConvNet": "trainlab.nets.cnn_classic.ClassicCNN",
+    "trainlab.data.DigitsDataModule": "trainlab.data.digits.DigitsDataModule",
+    "trainlab.data.MNISTDataModule": "trainlab.data.vision.MNISTDataModule",
+    "trainlab.data.FashionMNISTDataModule": "trainlab.data.vision.FashionMNISTDataModule",
+    "trainlab.data.CIFAR10DataModule": "trainlab.data.vision.CIFAR10DataModule",
+    "trainlab.data.ImageFolderDataModule": "trainlab.data.folder.ImageFolderDataModule",
+}
+
+
+def rename_moved_targets(tree: Any) -> None:
+    """Give the `_target_`s of a plain stored config (dicts and lists) their MOVED_TARGETS
+    names, in place."""
+    if isinstance(tree, dict):
+        if tree.get("_target_") in MOVED_TARGETS:
+            tree["_target_"] = MOVED_TARGETS[tree["_target_"]]
+        children = list(tree.values())
+    else:
+        children = tree if isinstance(tree, list) else []
+    for child in children:
+        rename_moved_targets(child)
 
 
 def check_targets(cfg: Any, source: str) -> None:

@@ -2,9 +2,11 @@ from torch import nn
 
 
 class SmallCNN(nn.Sequential):
-    """Conv-BN-ReLU blocks, each halving the resolution, then a small fully connected head.
+    """A CNN with batch norm (model=cnn): conv-BN-ReLU blocks, each halving the resolution,
+    then a small fully connected head.
 
-    Works on any image size from 8x8 up: the last feature map is pooled to 2x2.
+    Works on any image size from 8x8 up: the last feature map is pooled to 2x2 (ClassicCNN,
+    model=cnn_classic, has no batch norm and flattens the whole map instead).
     """
 
     def __init__(

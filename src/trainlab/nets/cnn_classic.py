@@ -5,13 +5,14 @@ from torch import nn
 from trainlab.errors import UserError
 
 
-class ConvNet(nn.Sequential):
-    """The classic CNN: a 3x3 conv (same padding), ReLU and 2x2 max-pool per entry of
-    `channels`, then the whole last feature map flattened into fc `hidden`, ReLU, dropout and
-    the linear classifier.
+class ClassicCNN(nn.Sequential):
+    """The classic CNN (model=cnn_classic): a 3x3 conv (same padding), ReLU and 2x2 max-pool
+    per entry of `channels`, then the whole last feature map flattened into fc `hidden`, ReLU,
+    dropout and the linear classifier.
 
-    Unlike SmallCNN there is no batch norm and no pooling to a fixed size, so the first fc layer
-    grows with the image: 64 x 7 x 7 inputs for 28x28 images, 64 x 8 x 8 for 32x32.
+    Unlike SmallCNN (model=cnn) there is no batch norm and no pooling to a fixed size, so the
+    first fc layer grows with the image: 64 x 7 x 7 inputs for 28x28 images, 64 x 8 x 8 for
+    32x32.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import child_env, run_cli
+from conftest import child_env, run_cli, tiny_trainer
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -173,14 +173,7 @@ def fit(cfg, callback: StopAt, ckpt_path: Path | None = None):
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     stored = checkpoints.CheckpointRecord()
     stored.run_info = RunInfo(config=OmegaConf.to_container(cfg, resolve=True))
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[stored, callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = tiny_trainer(max_epochs=2, callbacks=[stored, callback])
     model = instantiate(
         cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler)
     )

@@ -7,10 +7,10 @@ import json
 from functools import partial
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_trainer
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from test_folder_data import write_images, write_lists
@@ -122,9 +122,7 @@ def test_binary_loss_is_binary_cross_entropy_on_one_logit():
     net = SmallCNN([3, 16, 16], num_classes=1)
     model = BinaryClassifier(net, 2, partial(torch.optim.SGD, lr=0.0))
     x, y = torch.randn(10, 3, 16, 16), torch.tensor([0, 1] * 5)
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = tiny_trainer()
     loader = DataLoader(TensorDataset(x, y), batch_size=10)
     val_loss = trainer.validate(model, loader, verbose=False)[0]["val/loss"]
     with torch.no_grad():

@@ -10,7 +10,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, tiny_trainer
 
 from trainlab.callbacks.guards import StopOnNonFiniteLoss
 from trainlab.config import check_command_line, check_values
@@ -159,15 +159,7 @@ class LossSchedule(pl.LightningModule):
 def fit(losses, factor, tmp_path):
     """The step the guard stopped at, or None if the run ended."""
     guard = StopOnNonFiniteLoss(factor)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = tiny_trainer(callbacks=[guard], default_root_dir=tmp_path)
     try:
         trainer.fit(LossSchedule(losses))
     except UserError as e:

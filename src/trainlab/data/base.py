@@ -181,6 +181,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
+        trainer.limit_val_batches = 0  # Lightning's "no validation": no loader, no sanity check
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, pl.callbacks.ModelCheckpoint):
                 callback.monitor = None  # keeps the latest state, under the same file name

@@ -6,6 +6,10 @@ import sys
 import pytest
 from conftest import run_cli
 
+from trainlab.config import group_options
+
+MODELS = ", ".join(group_options("model"))  # as the message lists them
+
 BAD_OVERRIDES = [
     # (override, words the message must contain)
     ("optimizer.lr=abc", ["optimizer.lr", "expects a number", "'abc'"]),
@@ -17,7 +21,7 @@ BAD_OVERRIDES = [
     ("trainer.max_epochs=many", ["trainer.max_epochs", "expects a number"]),
     ("seed=-1", ["seed", "integer >= 0"]),
     ("optimizer=adamm", ["optimizer=adamm", "adam, adamw, sgd", "Did you mean 'optimizer=adam'"]),
-    ("model=resnet", ["model=resnet", "cnn, convnet", "Did you mean 'model=resnet18'"]),
+    ("model=resnet", ["model=resnet", MODELS, "Did you mean 'model=resnet18'"]),
     ("optimizer.lrr=0.1", ["optimizer.lrr", "Did you mean 'optimizer.lr'", "+optimizer.lrr=0.1"]),
     ("trainer.max_epoch=3", ["Did you mean 'trainer.max_epochs'"]),
     ("optimzer=sgd", ["Did you mean 'optimizer'"]),
@@ -25,6 +29,13 @@ BAD_OVERRIDES = [
     ("optimizer.lr=1e-3,oops", ["optimizer.lr", "'oops'"]),  # one bad value in a sweep
     ("optimizer.lr=[1", ["cannot read the command line"]),
     ("model.net._target_=os.system", ["asks to build 'os.system'", "no file in"]),
+    # keys that no YAML file writes but the _target_ above them takes: typed by its signature
+    ("data.per_device=yes", ["data.per_device", "true or false", "`per_device: bool = False`"]),
+    ("data.per_device=null", ["data.per_device", "true or false"]),
+    ("trainer.benchmark=3", ["trainer.benchmark", "true or false or null"]),
+    ("optimizer.eps=tiny", ["optimizer.eps", "a number", "'tiny'"]),
+    ("data.per_devic=true", ["Did you mean 'data.per_device'", "also takes", "per_device"]),
+    ("optimizer.amsgard=true", ["Did you mean 'optimizer.amsgrad'", "torch.optim.Adam"]),
 ]
 
 
@@ -64,6 +75,35 @@ def test_added_key_with_plus_is_accepted_by_the_check(tmp_path):
     check_command_line(
         "train", ["+trainer.gradient_clip_val=0.5", "optimizer=sgd", "optimizer.momentum=0.8"]
     )
+
+
+def test_a_parameter_no_yaml_writes_reaches_the_run(tmp_path):
+    # data.per_device is not in conf/data/digits.yaml: the data module's __init__ takes it
+    short = ("trainer.max_epochs=1", "+trainer.limit_train_batches=2", "logger=csv", "test=false")
+    result = run_cli("trainlab.train", "data.per_device=true", *short, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (config,) = tmp_path.glob("logs/train/runs/*/.hydra/config.yaml")
+    assert "per_device: true" in config.read_text()
+
+
+def test_the_check_reads_parameters_without_importing_torch():
+    # the targets' sources are parsed, not imported: a typo costs no torch import
+    probe = (
+        "import sys; from trainlab.config import check_command_line as check; "
+        "check('train', ['data.per_device=true', 'trainer.benchmark=true', 'model=cnn']); "
+        "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
+    )
+    assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "[]"
+
+
+def test_code_no_config_names_is_never_looked_into():
+    # subprocess.Popen takes `args`, but no file in conf/ names it: the key stays unknown
+    from trainlab.config import _constructor_parameter
+    from trainlab.parameters import parameters
+
+    assert "args" in parameters("subprocess.Popen")
+    assert _constructor_parameter({"x": {"_target_": "subprocess.Popen"}}, "x.args") is None
+    assert _constructor_parameter({"x": {"_target_": "torch.optim.Adam"}}, "x.amsgrad")
 
 
 def test_full_traceback_on_request(tmp_path):

@@ -409,7 +409,7 @@ def test_batch_size_is_global_and_whole_on_one_device(compose):
     assert dm.batch_size_per_device == 48
 
 
-@pytest.mark.parametrize("val_size", ["0", str(N_TRAIN), "1.0"])
+@pytest.mark.parametrize("val_size", [str(N_TRAIN), "1.0"])
 def test_val_size_that_leaves_no_split_names_the_key(compose, tiny_data, val_size):
     tiny_data("mnist")
     datamodule = instantiate(
@@ -425,3 +425,156 @@ def test_a_damaged_file_is_a_user_error(compose, tiny_data, data_dir):
     datamodule = instantiate(compose("data=mnist", "data.download=false").data)
     with pytest.raises(UserError, match="unreadable"):
         datamodule.setup("fit")
+
+
+# --- any tensors: features of any shape, float or uint8 -----------------------------------------
+
+
+class Signals(InMemoryDataModule):
+    """80 two-channel signals of 40 samples, float64 as numpy gives them; channel 0 around 1
+    with spread 3, channel 1 around -2 with spread 0.5."""
+
+    def load(self):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(80, 2, 40, generator=generator, dtype=torch.float64)
+        x = x * torch.tensor([3.0, 0.5]).view(1, 2, 1) + torch.tensor([1.0, -2.0]).view(1, 2, 1)
+        y = torch.arange(80) % 3
+        return {"train": (x[:64], y[:64]), "test": (x[64:], y[64:])}
+
+
+def signals(**options) -> Signals:
+    dm = Signals(**{"batch_size": 8, "num_classes": 3, "input_shape": [2, 40], **options})
+    dm.setup("fit")
+    return dm
+
+
+def normalised(dm: InMemoryDataModule, split: str) -> torch.Tensor:
+    return dm.on_after_batch_transfer(dm.splits[split].tensors, 0)[0]
+
+
+def test_float_features_are_held_as_float32_and_split_for_validation():
+    dm = signals()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 58, "val": 6, "test": 16}
+    assert all(dm.splits[s].tensors[0].dtype == torch.float32 for s in dm.splits)
+    # no normalisation: batches are the features as they were
+    x = torch.cat([dm.splits["train"].tensors[0], dm.splits["val"].tensors[0]])
+    everything = Signals.load(dm)["train"][0].float()
+    assert sorted(map(bytes, x.numpy())) == sorted(map(bytes, everything.numpy()))
+    assert torch.equal(normalised(dm, "test"), Signals.load(dm)["test"][0].float())
+
+
+@pytest.mark.parametrize(("normalise", "dims"), [("feature", (0,)), ("channel", (0, 2))])
+def test_normalisation_from_the_training_split(normalise, dims):
+    dm = signals(normalise=normalise)
+    x = normalised(dm, "train").double()
+    assert x.mean(dims).abs().max() < 1e-5
+    assert (x.std(dims) - 1).abs().max() < 1e-4
+    # the test split is scaled by the training split's statistics, not its own
+    channel_means = normalised(dm, "test").double().mean((0, 2))
+    assert 0 < channel_means.abs().max() < 1
+
+
+def test_given_mean_and_std_are_per_channel():
+    dm = signals(mean=[1.0, -2.0], std=[3.0, 0.5])
+    raw = dm.splits["val"].tensors[0].double()
+    expected = (raw - torch.tensor([1.0, -2.0]).view(1, 2, 1)) / torch.tensor([3.0, 0.5]).view(
+        1, 2, 1
+    )
+    assert torch.allclose(normalised(dm, "val").double(), expected, atol=1e-5)
+
+
+def test_uint8_features_are_read_on_the_0_to_1_scale():
+    class Bytes(InMemoryDataModule):
+        def load(self):
+            x = torch.arange(40 * 5, dtype=torch.int64).remainder(256).to(torch.uint8).view(40, 5)
+            return {"train": (x, torch.arange(40) % 2), "test": (x[:8], torch.arange(8) % 2)}
+
+    dm = Bytes(batch_size=4, num_classes=2, input_shape=[5])
+    dm.setup("fit")
+    assert dm.splits["train"].tensors[0].dtype == torch.uint8  # a quarter of float32's bytes
+    x = dm.splits["test"].tensors[0]
+    assert torch.allclose(normalised(dm, "test"), x.float() / 255)
+
+
+@pytest.mark.parametrize("val_size", [0, None, 0.0])
+def test_val_size_0_or_null_means_no_validation_split(val_size):
+    dm = signals(val_size=val_size)
+    assert set(dm.splits) == {"train", "test"}
+    assert len(dm.splits["train"]) == 64  # every training sample trains
+    assert dm.val_dataloader() == []
+
+
+def test_features_of_another_shape_than_input_shape_name_the_key():
+    with pytest.raises(
+        UserError, match=r"data.input_shape is \[40\]: set data.input_shape=\[2, 40\]"
+    ):
+        signals(input_shape=[40])
+
+
+def test_an_unknown_normalisation_is_a_user_error():
+    with pytest.raises(UserError, match="data.normalise must be none, feature or channel"):
+        signals(normalise="pixel")
+
+
+# --- no validation split: a real run ---------------------------------------------------------
+
+
+def test_a_run_without_validation_keeps_the_last_state_as_best(compose, tmp_path, capsys):
+    overrides = ["experiment=wine_mlp", "logger=csv", "data.val_size=0", "trainer.max_epochs=3"]
+    record = train(compose(*overrides), tmp_path / "run", overrides=overrides)
+    assert record["status"] == "finished", record.get("error")
+    said = capsys.readouterr().out
+    assert "data.val_size=0: no validation split; checkpoints/best.ckpt is the last epoch's" in said
+    best = torch.load(record["best_ckpt"], map_location="cpu", weights_only=False)
+    last = torch.load(
+        tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=False
+    )
+    assert best["epoch"] == last["epoch"] == 2 and best["global_step"] == last["global_step"]
+    assert not any(key.startswith("val/") for key in record)
+    assert record["test/acc"] > 0.5  # tested on the last state, which has learnt (chance: 1/3)
+
+
+def test_early_stopping_on_a_validation_metric_is_off_without_validation(tmp_path):
+    from functools import partial
+
+    import lightning.pytorch as pl
+
+    from trainlab.classifier import Classifier
+    from trainlab.nets import MLP
+
+    dm = Signals(batch_size=8, num_classes=3, input_shape=[2, 40], val_size=0)
+    model = Classifier(MLP([2, 40], 3), 3, optimizer=partial(torch.optim.SGD, lr=0.1))
+    callbacks = [
+        pl.callbacks.ModelCheckpoint(tmp_path, monitor="val/acc", mode="max", filename="best"),
+        pl.callbacks.EarlyStopping(
+            monitor="val/acc", mode="max"
+        ),  # strict: a missing metric raises
+    ]
+    trainer = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=False, enable_progress_bar=False)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.current_epoch == 2
+    assert not any(isinstance(c, pl.callbacks.EarlyStopping) for c in trainer.callbacks)
+    assert trainer.checkpoint_callback.best_model_path == str(tmp_path / "best.ckpt")
+
+
+# --- a net and data whose shapes do not fit ----------------------------------------------------
+
+
+def test_a_net_for_images_on_1d_data_is_refused_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("trainlab.train", "data=wine", "model=cnn", "logger=csv", cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: model=cnn takes images [C, H, W]; data=wine gives samples of data.input_shape="
+        "[13]: use model=mlp, which takes any shape, or a net made for them."
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_an_mlp_of_another_input_size_is_refused_before_training(compose, tmp_path):
+    overrides = ["data=wine", "model=mlp", "logger=csv", "model.net.input_shape=[12]"]
+    with pytest.raises(UserError, match=r"data=wine gives samples of data.input_shape=\[13\]"):
+        train(compose(*overrides), tmp_path / "run", overrides=overrides, choices={"data": "wine"})
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -15,6 +15,7 @@ writes `training_step` instead, and still reports through `add_to_epoch_means`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -196,6 +197,7 @@ class TrainlabModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._sums_to_restore = checkpoint.get(EPOCH_SUMS)
+        _count_steps_on_either_path(checkpoint)
         # A run resumed mid-epoch keeps its blocks; this comes after setup and before Lightning
         # builds the training loader.
         choice = getattr(self, "steps_per_call_choice", None)
@@ -214,3 +216,21 @@ class TrainlabModule(pl.LightningModule):
         self._epoch_sums = {name: s.to(self.device) for name, s in saved["sums"].items()}
         self._epoch_count = saved["count"]
         return True
+
+
+def _count_steps_on_either_path(checkpoint: dict[str, Any]) -> None:
+    """Lightning counts optimizer steps apart by the path that took them, its automatic
+    optimisation or the module's own steps, and reads global_step from this run's path. A
+    checkpoint written on the other one (with gradient clipping turned on or off since, or by a
+    LanguageModel from before it took plain steps) gets its count on both, so that the resumed
+    run goes on from its step, not from 0. (This runs before Lightning restores its loops.)"""
+    fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = fit_loop.get("epoch_loop.automatic_optimization.optim_progress")
+    own = fit_loop.get("epoch_loop.manual_optimization.optim_step_progress")
+    if automatic is None or own is None:
+        return
+    steps = automatic["optimizer"]["step"]
+    if steps["total"]["completed"] > own["total"]["completed"]:
+        own.update(copy.deepcopy(steps))
+    else:
+        automatic["optimizer"]["step"] = copy.deepcopy(own)

@@ -33,7 +33,7 @@ def test_storage_is_a_url_or_a_journal_file(tmp_path, monkeypatch):
 
 
 def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
-    # val/acc_best is never above 1.01: the threshold pruner stops the trial after epoch 0.
+    # val/acc is never above 1.01: the threshold pruner stops the trial after epoch 0.
     result = run_cli(
         "trainlab.train",
         "-m",
@@ -61,11 +61,55 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
     assert summary["jobs"]["0"]["status"] == "pruned" and summary["failed"] == 0
     (trial,) = load_study("pruned", f"sqlite:///{sweep / STORAGE_FILE}").trials
     assert trial.state.name == "PRUNED"
-    assert trial.intermediate_values == {0: pytest.approx(record["val/acc_best"])}
+    assert trial.intermediate_values == {0: pytest.approx(record["monitor"]["best"])}
 
     out = compare([sweep], "val/acc_best", tmp_path / "cmp")
     assert [r.dir for r in out["pruned"]] == [job] and not out["not_finished"]
     assert "<h2>Pruned" in (tmp_path / "cmp" / "report.html").read_text()
+
+
+def test_the_study_follows_the_monitor(tmp_path):
+    # monitor.mode=min: the study minimises; a trial's value is its lowest val/loss, and what it
+    # reports each epoch is its lowest so far.
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        *SEARCH,
+        "debug=limit",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.study_name=loss",
+        "monitor.metric=val/loss",
+        "monitor.mode=min",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "logs" / "train" / "optuna" / "loss"
+    study = load_study("loss", f"sqlite:///{sweep / STORAGE_FILE}")
+    assert study.direction.name == "MINIMIZE"
+    (trial,) = study.trials
+    rows = (sweep / "0" / "metrics.csv").read_text().splitlines()
+    column = rows[0].split(",").index("val/loss")
+    losses = [float(r.split(",")[column]) for r in rows[1:] if r.split(",")[column]]
+    assert len(losses) == 2 and trial.value == pytest.approx(min(losses))
+    assert trial.intermediate_values == pytest.approx({0: losses[0], 1: min(losses)})
+    record = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert record["monitor"]["metric"] == "val/loss" and record["monitor"]["best"] == trial.value
+
+
+def test_the_direction_follows_monitor_mode_unless_set(tmp_path):
+    def dry_run(*args):
+        return run_cli("trainlab.train", "-m", *SEARCH, *args, "--dry-run", cwd=tmp_path)
+
+    loss = ("monitor.metric=val/loss", "monitor.mode=min")
+    assert "20 trials minimising the best val/loss of each" in dry_run(*loss).stdout
+    maximise = dry_run(*loss, "hydra.sweeper.direction=maximize")
+    assert "20 trials maximising the best val/loss of each" in maximise.stdout
+    # The objective is the monitor, in one place: the sweeper's old key says where it went.
+    old = dry_run("+hydra.sweeper.metric=val/loss")
+    assert old.returncode == 2 and "set monitor.metric (and monitor.mode" in old.stderr
+    nothing = dry_run("experiment=mnist_gan")  # no validation, nothing monitored
+    assert nothing.returncode == 2 and "monitor.metric is null" in nothing.stderr
+    assert not (tmp_path / "logs").exists()
 
 
 def test_a_wrong_pruner_or_storage_is_one_paragraph(tmp_path):
@@ -154,7 +198,7 @@ def test_two_sweeps_share_one_study_in_a_journal_file(tmp_path):
         (job,) = tmp_path.glob(f"[ab]/{trial.number}")
         record = json.loads((job / "metrics.json").read_text())
         assert record["status"] == "finished"
-        assert record["val/acc_best"] == pytest.approx(trial.value)
+        assert record["monitor"]["best"] == pytest.approx(trial.value)
         assert f"data.batch_size={trial.params['data.batch_size']}" in record["overrides"]
 
 

@@ -75,14 +75,9 @@ class OptunaSweeper(Sweeper):
         storage: str | None = None,
         pruner: str = "none",
         pruner_args: dict[str, Any] | None = None,
-        metric: str | None = None,
+        metric: str | None = None,  # no longer read: refused in _sweep, saying what replaced it
     ) -> None:
-        if metric is not None:
-            raise UserError(
-                f"hydra.sweeper.metric={metric}: the sweeper optimises the config's monitor "
-                "instead; set monitor.metric (and monitor.mode, min or max) there, e.g. "
-                "'monitor.metric=val/loss monitor.mode=min'."
-            )
+        self.old_metric = metric
         self.params = _flat(params or {})
         self.n_trials = n_trials
         self.metric: str | None = None  # monitor.metric, known in setup()
@@ -114,6 +109,12 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         assert self.config is not None
+        if self.old_metric is not None:
+            raise UserError(
+                f"hydra.sweeper.metric={self.old_metric}: the sweeper optimises the config's "
+                "monitor instead; set monitor.metric (and monitor.mode, min or max) there, e.g. "
+                "'monitor.metric=val/loss monitor.mode=min'."
+            )
         if not self.metric:
             raise UserError(
                 "monitor.metric is null, so a trial has no value for Optuna to optimise: set "

@@ -114,3 +114,30 @@ def test_the_wandb_sweep_optimises_the_monitor():
     assert loss["metric"] == {"name": "val/loss", "goal": "minimize"}
     with pytest.raises(UserError, match="monitor.metric is null"):
         definition([search, "experiment=mnist_gan"])  # monitors nothing
+
+
+def test_a_resumed_run_remembers_its_best_before(tmp_path):
+    # mode=max on val/loss: the best is the first epoch's, which a resumed run did not see.
+    common = ("debug=limit", "logger=csv", "test=false", "monitor.metric=val/loss")
+    first = tmp_path / "first"
+    result = run_cli(
+        "trainlab.train", *common, "monitor.mode=max", f"hydra.run.dir={first}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = json.loads((first / "metrics.json").read_text())["monitor"]
+    assert before["epoch"] == 0
+
+    resumed = tmp_path / "resumed"
+    result = run_cli(
+        "trainlab.train",
+        *common,
+        "monitor.mode=max",
+        "trainer.max_epochs=3",
+        "resume_allow_changes=true",
+        f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={resumed}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(by_epoch(resumed, "val/loss")) == [2]  # it validated epoch 2 alone
+    assert json.loads((resumed / "metrics.json").read_text())["monitor"] == before

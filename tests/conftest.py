@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -91,7 +92,8 @@ class WarmProcess:
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
-        self._job.send_signal(signum)
+        with contextlib.suppress(ProcessLookupError):  # ended and reaped: as Popen does
+            self._job.send_signal(signum)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

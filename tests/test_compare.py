@@ -77,6 +77,8 @@ def test_compare_logs_finds_nested_sweeps_and_runs(sweep, tmp_path):
     result = run_cli("trainlab.compare", "logs", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no runs found" not in result.stderr
+    # ranked by the default monitor (val/acc, max): each run's best val/acc
+    assert "runs by val/acc_best (higher is better)" in result.stdout
     damaged = Path("logs/older/project a/sweeps/first/sweep.json")
     assert f"unreadable: {damaged}: is not valid JSON" in result.stdout
     assert (logs / "compare" / "report.html").is_file()

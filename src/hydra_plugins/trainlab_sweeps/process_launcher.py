@@ -243,7 +243,8 @@ class ProcessLauncher(Launcher):
             entry["status"] = "failed"
             entry["error"] = metrics.get("error") or _error_line(_tail(console_path), exit_code)
         self.record.update(entry)
-        shown = f"val/acc_best {entry['val/acc_best']:.4f}" if "val/acc_best" in entry else ""
+        best = (metrics.get("monitor") or {}).get("best")
+        shown = f"best {metrics['monitor']['metric']} {best:.4f}" if best is not None else ""
         log.info(
             f"#{job['num']} {entry['status']} in {entry['duration_s']:.0f}s: "
             f"{' '.join(job['overrides'])} {shown or entry.get('error', '')}"

@@ -141,3 +141,18 @@ def test_a_resumed_run_remembers_its_best_before(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(by_epoch(resumed, "val/loss")) == [2]  # it validated epoch 2 alone
     assert json.loads((resumed / "metrics.json").read_text())["monitor"] == before
+
+
+def test_compare_names_runs_that_monitor_another_metric(loss_sweep, tmp_path, capsys):
+    # A run that monitors val/acc among two that monitor val/loss: not ranked with them.
+    other = shutil.copytree(loss_sweep / "0", tmp_path / "acc run")
+    record = json.loads((other / "metrics.json").read_text())
+    record["monitor"] = {"metric": "val/acc", "mode": "max", "best": record["val/acc_best"]}
+    (other / "metrics.json").write_text(json.dumps(record))
+    found = compare([loss_sweep, other], None, tmp_path / "out")
+    assert found["metric"] == "val/loss_best"
+    assert sorted(run.dir for row in found["rows"] for run in row["runs"]) == [
+        loss_sweep / "0",
+        loss_sweep / "1",
+    ]
+    assert "ranked with --metric val/acc_best" in capsys.readouterr().out

@@ -270,6 +270,10 @@ def monitored(runs: list[Run]) -> str:
     return f"{metrics.most_common(1)[0][0] if metrics else 'val/acc'}_best"
 
 
+def _monitors_another(run: Run, metric: str) -> bool:
+    return run.status == "finished" and metric not in run.metrics and bool(run.monitor["metric"])
+
+
 def lower_is_better(runs: list[Run], metric: str) -> bool:
     """As the mode of the monitor of runs that monitor `metric` says; for any other metric, a
     guess from its name."""
@@ -449,6 +453,10 @@ def compare(paths: list[Path], metric: str | None, out: Path, top: int = 5) -> d
     pruned = [r for r in runs if r.status == "pruned"]  # by an Optuna sweep: listed apart
     others = pruned + [r for r in runs if r.status not in ("finished", "pruned")]
     print_leaderboard(rows, others, metric, lower_is_better(runs, metric), problems)
+    apart = {f"{r.monitor['metric']}_best" for r in runs if _monitors_another(r, metric)}
+    if apart:  # e.g. char_gpt's runs among classifiers': not comparable, so not ranked here
+        names = " or ".join(sorted(apart))
+        print(f"Runs that monitor another metric are ranked with --metric {names}")
     out.mkdir(parents=True, exist_ok=True)
     images = [out / "lr_sweep.png", out / "curves.png"]
     plot_lr(runs, metric, images[0])

@@ -295,3 +295,42 @@ def test_cli_on_two_ddp_processes_and_a_missing_file(tmp_path):
     result = run_cli("trainlab.train", *TINY, "data.path=no/such.txt", cwd=tmp_path)
     assert result.returncode == 2
     assert "no/such.txt does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_checkpoint_from_lightnings_own_optimisation_resumes_at_its_step(compose, tmp_path):
+    # Clipping takes Lightning's automatic optimisation, as every LanguageModel did before the
+    # plain step: its checkpoints count their steps where a plain-step run does not look.
+    import lightning.pytorch as pl
+
+    write_text(tmp_path / "data", PATTERN * 40)
+    cfg = compose(*TINY, "model.sample.length=0")
+
+    def fit(max_steps: int, ckpt_path=None, **clip) -> tuple[pl.Trainer, list[int]]:
+        class Steps(pl.Callback):
+            def __init__(self):
+                self.seen = []
+
+            def on_train_batch_end(self, trainer, *args) -> None:
+                self.seen.append(trainer.global_step)
+
+        steps = Steps()
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=max_steps,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[steps],
+            **clip,
+        )
+        model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
+        trainer.fit(model, datamodule=instantiate(cfg.data), ckpt_path=ckpt_path)
+        assert model.automatic_optimization == bool(clip)
+        return trainer, steps.seen
+
+    first, _ = fit(6, gradient_clip_val=1e12)
+    first.save_checkpoint(tmp_path / "auto.ckpt")
+    _, seen = fit(10, tmp_path / "auto.ckpt")
+    assert seen == [7, 8, 9, 10]  # the four steps left, not ten from step 0

@@ -10,7 +10,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import child_env, run_cli, tiny_trainer
+from conftest import run_cli, start_cli, tiny_trainer
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -277,10 +276,7 @@ def kill_at_a_mid_epoch_checkpoint(cwd: Path, run_dir: Path, per_epoch: int, *ar
     """Start a run, and SIGKILL it once its newest checkpoint is part-way through an epoch; the
     step of that checkpoint. The run is stopped (SIGSTOP) while its checkpoints are looked at,
     so that it cannot write a newer one in between."""
-    command = [sys.executable, "-m", "trainlab.train", *RUN, *args, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(
-        command, cwd=cwd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    proc = start_cli("trainlab.train", *RUN, *args, f"hydra.run.dir={run_dir}", cwd=cwd)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline:

@@ -322,11 +322,14 @@ def check_net_fits(model: pl.LightningModule, datamodule, choices: dict[str, str
     """Refuse, in one line and before training, a net that cannot take the data's samples: one
     forward pass of a zero batch of data.input_shape, without gradients and in eval mode (so no
     statistics change), costs milliseconds, where the first training step would end in a raw
-    traceback about weight shapes. Models without a `net`, or data without an input_shape
-    (text), are not checked."""
-    net, shape = getattr(model, "net", None), getattr(datamodule, "input_shape", None)
-    if not isinstance(net, torch.nn.Module) or shape is None:
+    traceback about weight shapes. Only classifiers are checked: their net takes the data's
+    samples (a GAN's generator takes noise, a language model's net tokens)."""
+    from trainlab.classifier import Classifier
+
+    shape = getattr(datamodule, "input_shape", None)
+    if not isinstance(model, Classifier) or shape is None:
         return
+    net = model.net
     training = net.training
     net.eval()
     try:

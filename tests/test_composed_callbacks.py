@@ -1,0 +1,131 @@
+"""trainlab's own callbacks come from conf/callbacks/ like Lightning's, stay with callbacks=none,
+and get what only the run knows through callback.run_info; the command line before Hydra
+(trainlab.cli) and the sweep report that reads the sweep's own record."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainlab import cli
+from trainlab.callbacks.checkpoints import LastCheckpoint
+from trainlab.config import CONF_DIR, known_targets
+from trainlab.train import train
+
+OWN = {
+    "record",
+    "stop_on_signal",
+    "stop_on_non_finite_loss",
+    "ranks_agree",
+    "progress",
+    "report_to_study",
+    "last_checkpoint",
+    "apply_optimizer_changes",
+}
+
+
+@pytest.mark.parametrize("option", ["default", "none"])
+def test_every_callbacks_option_keeps_trainlabs_own(compose, option):
+    cfg = compose(f"callbacks={option}")
+    assert set(cfg.callbacks) >= OWN
+    assert ("checkpoint" in cfg.callbacks) == (option == "default")
+
+
+def test_every_target_in_conf_callbacks_may_be_built():
+    named = {
+        target
+        for path in (CONF_DIR / "callbacks").glob("*.yaml")
+        for target in re.findall(r"_target_:\s*([\w.]+)", path.read_text())
+    }
+    assert len(named) >= len(OWN) and named <= known_targets()
+
+
+def test_the_yaml_settings_reach_the_callbacks(compose, tmp_path):
+    cfg = compose(
+        "callbacks=none",
+        "logger=csv",
+        "test=false",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=4",
+        "+trainer.limit_val_batches=2",
+        "checkpoint_every_n_steps=2",
+        "divergence_factor=50",
+        "~callbacks.progress",
+        "+trainer.enable_progress_bar=false",
+    )
+    run_dir = tmp_path / "my run"
+    record = train(cfg, run_dir, overrides=["callbacks=none"])
+    assert record["status"] == "finished"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    stored = ckpt["trainlab"]["config"]  # CheckpointRecord got the run's config as run_info
+    assert stored["divergence_factor"] == 50 and stored["seed"] == cfg.seed
+    guard = ckpt["callbacks"]["StopOnNonFiniteLoss"]
+    assert guard["reference"] is not None
+    assert not (run_dir / "checkpoints" / "best.ckpt").exists()  # no ModelCheckpoint
+
+
+def test_no_checkpoint_callbacks_when_checkpointing_is_off(compose, tmp_path):
+    cfg = compose(
+        "logger=csv",
+        "test=false",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.enable_checkpointing=false",
+    )
+    record = train(cfg, tmp_path / "run")
+    assert record["status"] == "finished" and record["best_ckpt"] is None
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_last_checkpoint_writes_under_the_trainers_root_dir(tmp_path):
+    import lightning.pytorch as pl
+
+    callback = LastCheckpoint(every_n_steps=None)
+    trainer = pl.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False)
+    callback.setup(trainer, None, "fit")
+    assert callback.path == tmp_path / "checkpoints" / "last.ckpt"
+
+
+def test_prepare_claims_a_sweep_directory(tmp_path):
+    logs = tmp_path / "logs"
+    prepared = cli.prepare("train", ["-m", "optimizer.lr=0.1,0.2", f"paths.log_dir={logs}"])
+    assert prepared.sweep_dir is not None and prepared.sweep_dir.is_dir()
+    assert prepared.sweep_dir.parent == logs / "train" / "sweeps"
+    assert prepared.argv[-1] == f"hydra.sweep.dir='{prepared.sweep_dir}'"
+
+
+def test_prepare_a_dry_run(tmp_path):
+    prepared = cli.prepare("train", ["optimizer.lr=0.1,0.2", "--dry-run"])
+    try:
+        assert prepared.argv[0] == "-m" and "--dry-run" not in prepared.argv
+        assert "hydra.launcher.dry_run=true" in prepared.argv
+        assert prepared.scratch.is_dir() and prepared.sweep_dir is None
+    finally:
+        prepared.scratch.rmdir()
+
+
+def _failed_sweep(sweep_dir: Path) -> None:
+    sweep_dir.mkdir()
+    job = {"num": 0, "overrides": ["x=1"], "status": "failed", "error": "boom"}
+    record = {"jobs": {"0": job}, "resume": "python -m trainlab.train -m x=1 resume=auto"}
+    (sweep_dir / "sweep.json").write_text(json.dumps(record))
+
+
+def test_a_sweep_is_reported_from_its_own_record_only(tmp_path, capsys):
+    from hydra_plugins.trainlab_sweeps.process_launcher import run_and_report
+
+    _failed_sweep(tmp_path / "sweep")
+    ran = []
+    later = time.time() + 60  # the record is older than this run: an earlier run's
+    run_and_report(lambda: ran.append(1), tmp_path / "sweep", since=later)
+    assert ran == [1] and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit) as exited:
+        run_and_report(lambda: None, tmp_path / "sweep", since=0)
+    assert exited.value.code == 1
+    assert "1 job(s) of the sweep failed: #0 (x=1): boom" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from trainlab.callbacks.progress import LiveBar
 from trainlab.classifier import Classifier
 from trainlab.compute import NVML_CHECK, torch_cuda_check
+from trainlab.module import TrainlabModule
 from trainlab.nets import MLP, SmallCNN
 from trainlab.profiler import NullProfiler
 from trainlab.train import train
@@ -230,3 +231,52 @@ def test_the_plain_step_and_lightnings_automatic_one_train_the_same_weights(
     assert weights["plain"].keys() == weights["automatic"].keys()
     for key, tensor in weights["plain"].items():
         assert torch.equal(tensor, weights["automatic"][key]), key
+
+
+class Regression(TrainlabModule):
+    """A module of one's own, as a forker writes it: a loss, what to report, an optimizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(3, 1)
+
+    def training_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(1), y)
+        self.add_to_epoch_means({"train/mse": loss.detach() * len(y)}, len(y))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_module_of_ones_own_takes_plain_steps_and_logs_epoch_means():
+    class Steps(pl.Callback):
+        def __init__(self):
+            self.automatic, self.weighted, self.samples = [], 0.0, 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.automatic.append(pl_module.automatic_optimization)
+            self.weighted += float(outputs["loss"]) * len(batch[1])
+            self.samples += len(batch[1])
+
+    torch.manual_seed(0)
+    x = torch.randn(100, 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1)), 32)
+    steps, model = Steps(), Regression()
+    before = model.net.weight.detach().clone()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[steps],
+    )
+    trainer.fit(model, train_dataloaders=loader)  # loaders, no data module: no blocks
+    assert model.steps_per_call_choice["steps_per_call"] == 1
+    assert steps.automatic == [False] * 4 and trainer.global_step == 4  # 32, 32, 32, 4
+    assert not torch.equal(model.net.weight, before)
+    mse = float(trainer.callback_metrics["train/mse"])
+    assert mse == pytest.approx(steps.weighted / steps.samples, rel=1e-6)

@@ -196,12 +196,14 @@ class TrainlabModule(pl.LightningModule):
         checkpoint[blocks.KEY] = self._steps_per_call
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is None or self._trainer.state.fn != "fit":
+            return  # loaded to validate, test or predict: nothing to resume
         self._sums_to_restore = checkpoint.get(EPOCH_SUMS)
         _count_steps_on_either_path(checkpoint)
         # A run resumed mid-epoch keeps its blocks; this comes after setup and before Lightning
         # builds the training loader.
         choice = getattr(self, "steps_per_call_choice", None)
-        if choice is not None and self.trainer.state.fn == "fit":
+        if choice is not None:
             kept = blocks.resumed(choice, checkpoint.get(blocks.KEY))
             if kept is not None:
                 blocks.apply(self.trainer, kept["steps_per_call"], before=self._steps_per_call)

@@ -16,24 +16,25 @@ from trainlab.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def loss_sweep(tmp_path_factory) -> Path:
-    """Two runs that keep the epoch of lowest val/loss: lr=0.1 ends with the lower val/loss,
-    lr=1e-3 with the higher val/acc, so that the two metrics rank them apart."""
+def loss_runs(tmp_path_factory) -> Path:
+    """Two runs (runs/0: lr=1e-3, runs/1: lr=0.1) that keep the epoch of lowest val/loss:
+    lr=0.1 ends with the lower val/loss, lr=1e-3 with the higher val/acc, so that the two
+    metrics rank them apart."""
     cwd = tmp_path_factory.mktemp("monitor")
-    result = run_cli(
-        "trainlab.train",
-        "-m",
-        "optimizer.lr=1e-3,0.1",
-        "debug=limit",
-        "logger=csv",
-        "test=false",
-        "monitor.metric=val/loss",
-        "monitor.mode=min",
-        f"hydra.sweep.dir={cwd / 'sweep'}",
-        cwd=cwd,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cwd / "sweep"
+    for job, lr in enumerate(("1e-3", "0.1")):
+        result = run_cli(
+            "trainlab.train",
+            f"optimizer.lr={lr}",
+            "debug=limit",
+            "logger=csv",
+            "test=false",
+            "monitor.metric=val/loss",
+            "monitor.mode=min",
+            f"hydra.run.dir={cwd / 'runs' / str(job)}",
+            cwd=cwd,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "runs"
 
 
 def by_epoch(run_dir: Path, column: str) -> dict[int, float]:
@@ -41,9 +42,9 @@ def by_epoch(run_dir: Path, column: str) -> dict[int, float]:
         return {int(r["epoch"]): float(r[column]) for r in csv.DictReader(f) if r[column]}
 
 
-def test_best_ckpt_and_metrics_json_follow_the_monitor(loss_sweep):
+def test_best_ckpt_and_metrics_json_follow_the_monitor(loss_runs):
     for job in ("0", "1"):
-        run_dir = loss_sweep / job
+        run_dir = loss_runs / job
         losses = by_epoch(run_dir, "val/loss")
         lowest = min(losses, key=losses.get)
         record = json.loads((run_dir / "metrics.json").read_text())
@@ -61,8 +62,8 @@ def test_best_ckpt_and_metrics_json_follow_the_monitor(loss_sweep):
         )
 
 
-def test_compare_ranks_by_the_monitor_lowest_first(loss_sweep, tmp_path, capsys):
-    found = compare([loss_sweep], None, tmp_path / "out")
+def test_compare_ranks_by_the_monitor_lowest_first(loss_runs, tmp_path, capsys):
+    found = compare([loss_runs], None, tmp_path / "out")
     assert found["metric"] == "val/loss_best"
     assert "runs by val/loss_best (lower is better)" in capsys.readouterr().out
     ranked = [row["runs"][0].dir.name for row in found["rows"]]
@@ -76,10 +77,10 @@ def test_compare_ranks_by_the_monitor_lowest_first(loss_sweep, tmp_path, capsys)
     assert "<th>val/loss_best</th>" in (tmp_path / "out" / "report.html").read_text()
 
 
-def test_compare_reads_records_from_before_the_monitor(loss_sweep, tmp_path):
+def test_compare_reads_records_from_before_the_monitor(loss_runs, tmp_path):
     # As a run recorded before `monitor` existed: no monitor in metrics.json or the config,
     # best.ckpt's monitor in callbacks.checkpoint; the best value comes from metrics.csv.
-    old = shutil.copytree(loss_sweep, tmp_path / "old")
+    old = shutil.copytree(loss_runs, tmp_path / "old")
     for job in ("0", "1"):
         record = json.loads((old / job / "metrics.json").read_text())
         del record["monitor"]
@@ -89,7 +90,7 @@ def test_compare_reads_records_from_before_the_monitor(loss_sweep, tmp_path):
         del config["monitor"]
         config["callbacks"]["checkpoint"].update(monitor="val/loss", mode="min")
         config_path.write_text(yaml.safe_dump(config))
-    now = compare([loss_sweep], None, tmp_path / "now")
+    now = compare([loss_runs], None, tmp_path / "now")
     then = compare([old], None, tmp_path / "then")
     assert then["metric"] == "val/loss_best"
     assert [r["val/loss_best"] for r in then["rows"]] == [r["val/loss_best"] for r in now["rows"]]
@@ -143,16 +144,16 @@ def test_a_resumed_run_remembers_its_best_before(tmp_path):
     assert json.loads((resumed / "metrics.json").read_text())["monitor"] == before
 
 
-def test_compare_names_runs_that_monitor_another_metric(loss_sweep, tmp_path, capsys):
+def test_compare_names_runs_that_monitor_another_metric(loss_runs, tmp_path, capsys):
     # A run that monitors val/acc among two that monitor val/loss: not ranked with them.
-    other = shutil.copytree(loss_sweep / "0", tmp_path / "acc run")
+    other = shutil.copytree(loss_runs / "0", tmp_path / "acc run")
     record = json.loads((other / "metrics.json").read_text())
     record["monitor"] = {"metric": "val/acc", "mode": "max", "best": record["val/acc_best"]}
     (other / "metrics.json").write_text(json.dumps(record))
-    found = compare([loss_sweep, other], None, tmp_path / "out")
+    found = compare([loss_runs, other], None, tmp_path / "out")
     assert found["metric"] == "val/loss_best"
     assert sorted(run.dir for row in found["rows"] for run in row["runs"]) == [
-        loss_sweep / "0",
-        loss_sweep / "1",
+        loss_runs / "0",
+        loss_runs / "1",
     ]
     assert "ranked with --metric val/acc_best" in capsys.readouterr().out

@@ -578,3 +578,18 @@ def test_an_mlp_of_another_input_size_is_refused_before_training(compose, tmp_pa
     with pytest.raises(UserError, match=r"data=wine gives samples of data.input_shape=\[13\]"):
         train(compose(*overrides), tmp_path / "run", overrides=overrides, choices={"data": "wine"})
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_float_features_without_validation_resume_mid_epoch_exactly(compose, tmp_path):
+    from test_exact_resume import StopAt, fit
+
+    cfg = compose("experiment=wine_mlp", "data.val_size=0", "data.batch_size=32")
+    straight = StopAt(None, tmp_path / "unused.ckpt")
+    _, reference = fit(cfg, straight)
+    steps = len(straight.batches) // 2  # an epoch's
+    fit(cfg, StopAt(steps + 2, tmp_path / "mid.ckpt"))  # two steps into the second epoch
+    resumed = StopAt(None, tmp_path / "unused.ckpt")
+    _, model = fit(cfg, resumed, tmp_path / "mid.ckpt")
+    assert resumed.batches == straight.batches[steps + 2 :]
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name

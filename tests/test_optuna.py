@@ -68,6 +68,7 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
     assert "<h2>Pruned" in (tmp_path / "cmp" / "report.html").read_text()
 
 
+@pytest.mark.slow  # a whole sweep; the direction alone: the dry run below
 def test_the_study_follows_the_monitor(tmp_path):
     # monitor.mode=min: the study minimises; a trial's value is its lowest val/loss, and what it
     # reports each epoch is its lowest so far.

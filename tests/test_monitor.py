@@ -157,3 +157,12 @@ def test_compare_names_runs_that_monitor_another_metric(loss_runs, tmp_path, cap
         loss_runs / "1",
     ]
     assert "ranked with --metric val/acc_best" in capsys.readouterr().out
+
+
+def test_a_metric_that_validation_does_not_log_is_one_paragraph(tmp_path):
+    result = run_cli(
+        "trainlab.train", "debug=limit", "logger=csv", "monitor.metric=val/los", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: monitor.metric=val/los was not logged by validation")
+    assert "val/loss" in result.stderr and "Traceback" not in result.stderr

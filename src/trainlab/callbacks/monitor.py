@@ -14,6 +14,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from trainlab.errors import UserError
+
 
 class Best(pl.Callback):
     """The best finite value of `metric` after any validation (sanity checks aside), and the
@@ -26,6 +28,13 @@ class Best(pl.Callback):
         self.epoch: int | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logged = trainer.callback_metrics
+        if self.metric and self.metric not in logged and not trainer.sanity_checking:
+            raise UserError(
+                f"monitor.metric={self.metric} was not logged by validation (the metrics logged "
+                f"so far: {', '.join(sorted(logged))}): set monitor.metric to one of them, and "
+                "monitor.mode to min or max as lower or higher is better."
+            )
         self.update(trainer)
 
     def update(self, trainer: pl.Trainer) -> float | None:

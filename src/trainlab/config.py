@@ -405,7 +405,8 @@ def compose_with_parameters(config_name: str, overrides: list[str]) -> Any:
             at = [i for i, o in enumerate(overrides) if refused and _key_of(o) == refused[1]]
             if not at or refused[1] in marked:
                 raise
-            overrides[at[-1]] = f"++{overrides[at[-1]]}"
+            for i in at:  # a key given twice: Hydra's last one wins, once all can be set
+                overrides[i] = f"++{overrides[i]}"
             marked.append(refused[1])
     tree = _to_tree(cfg)
     for key in marked:

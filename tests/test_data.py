@@ -593,3 +593,14 @@ def test_float_features_without_validation_resume_mid_epoch_exactly(compose, tmp
     assert resumed.batches == straight.batches[steps + 2 :]
     for name, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_float_features_in_blocks_train_the_same_weights(compose):
+    from test_steps_per_call import Record, fit
+
+    cfg = compose("experiment=wine_mlp", "data.val_size=0")
+    (trainer_one, one), (trainer_four, four) = fit(cfg, 1, Record()), fit(cfg, 4, Record())
+    assert four.steps_per_call_choice["steps_per_call"] == 4
+    assert trainer_four.global_step == trainer_one.global_step == 2 * 9  # 142 wines, batches of 16
+    for name, value in one.state_dict().items():
+        assert torch.equal(four.state_dict()[name], value), name

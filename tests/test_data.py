@@ -604,3 +604,10 @@ def test_float_features_in_blocks_train_the_same_weights(compose):
     assert trainer_four.global_step == trainer_one.global_step == 2 * 9  # 142 wines, batches of 16
     for name, value in one.state_dict().items():
         assert torch.equal(four.state_dict()[name], value), name
+
+
+def test_statistics_from_the_data_replace_an_image_sets_own(compose):
+    dm = build(compose, "digits", "data.normalise=channel")
+    dm.setup("fit")
+    x = normalised(dm, "train").double()
+    assert abs(x.mean()) < 1e-5 and abs(x.std() - 1) < 1e-4  # the class's constants: within 0.05

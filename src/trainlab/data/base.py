@@ -159,15 +159,15 @@ class InMemoryDataModule(pl.LightningDataModule):
         broadcast over one; None where batches pass unchanged (float32, not normalised)."""
         unit = 255.0 if x.dtype == torch.uint8 else 1.0
         channel = (1, -1, *[1] * (len(self.input_shape) - 1))  # one value per index of dim 1
-        if self.mean is not None:
-            mean = torch.tensor(self.mean).view(channel)
-            std = torch.tensor(self.std).view(channel)
-        elif self.normalise == "feature":
+        if self.normalise == "feature":  # asked for: before the class's own mean and std
             x = x.double() / unit
             mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
         elif self.normalise == "channel":
             x = x.double().transpose(0, 1).reshape(self.input_shape[0], -1) / unit
             mean, std = x.mean(1).view(channel), x.std(1).view(channel)
+        elif self.mean is not None:
+            mean = torch.tensor(self.mean).view(channel)
+            std = torch.tensor(self.std).view(channel)
         else:
             return (torch.tensor(1 / unit), torch.tensor(0.0)) if unit != 1.0 else None
         std = torch.where(std > 0, std, 1.0)  # a constant feature is left at 0, not divided by 0

@@ -129,3 +129,13 @@ def test_a_sweep_is_reported_from_its_own_record_only(tmp_path, capsys):
         run_and_report(lambda: None, tmp_path / "sweep", since=0)
     assert exited.value.code == 1
     assert "1 job(s) of the sweep failed: #0 (x=1): boom" in capsys.readouterr().err
+
+
+def test_a_checkpoint_naming_the_profilers_old_place_still_reads(tmp_path):
+    from trainlab import checkpoint
+
+    old = {"trainer": {"profiler": {"_target_": "trainlab.callbacks.NullProfiler"}}}
+    torch.save({"trainlab": {"config": old}, "state_dict": {}}, tmp_path / "old.ckpt")
+    ckpt = checkpoint.read(tmp_path / "old.ckpt")
+    profiler = ckpt["trainlab"]["config"]["trainer"]["profiler"]
+    assert profiler["_target_"] == "trainlab.profiler.NullProfiler"

@@ -705,6 +705,7 @@ MOVED_TARGETS = {
     "trainlab.data.FashionMNISTDataModule": "trainlab.data.vision.FashionMNISTDataModule",
     "trainlab.data.CIFAR10DataModule": "trainlab.data.vision.CIFAR10DataModule",
     "trainlab.data.ImageFolderDataModule": "trainlab.data.folder.ImageFolderDataModule",
+    "trainlab.callbacks.NullProfiler": "trainlab.profiler.NullProfiler",
 }
 
 

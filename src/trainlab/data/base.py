@@ -41,7 +41,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     the 0..1 scale) or made float32, and normalised on the training device, batch by batch:
     `normalise` is none, `feature` (each feature by its mean and standard deviation over the
     training split) or `channel` (each index of the first dimension, over the others, as image
-    channels); or give `mean` and `std` (one value, or one per channel).
+    channels); else `mean` and `std` if given (one value, or one per channel) or the class's.
 
     `batch_size` is the global batch size: with N devices each one gets batch_size / N
     (`per_device=True`: each gets batch_size). `val_size` (a fraction or a count) is held out of

@@ -35,7 +35,8 @@ class TrainlabModule(pl.LightningModule):
     # from the config, and records steps_per_call_choice, what was taken and why.
     steps_per_call: int | str = 1
     _steps_per_call = 1
-    _direct = None  # (optimizer, Lightning's step counter, schedule) for blocks: see blocks.direct
+    _direct = None  # (optimizer, Lightning's step counter) for blocks: see blocks.direct
+    _schedule = None  # stepped after every plain step
 
     def __init__(self):
         super().__init__()
@@ -103,21 +104,19 @@ class TrainlabModule(pl.LightningModule):
         """The step a plain PyTorch loop takes: zero the gradients, back-propagate, step the
         optimizer and the schedule (Lightning's precision and strategy still apply)."""
         if self._direct is not None:  # in blocks, where Lightning's wrappers do nothing
-            optimizer, progress, scheduler = self._direct
+            optimizer, progress = self._direct
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             progress.increment_ready()  # global_step counts optimizer steps, as Lightning does
             optimizer.step()
             progress.increment_completed()
-            if scheduler is not None:
-                scheduler.step()
-            return
-        optimizer = self.optimizers()
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        optimizer.step()
-        if self.trainer.lr_scheduler_configs:
-            self.lr_schedulers().step()
+        else:
+            optimizer = self.optimizers()
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+        if self._schedule is not None:
+            self._schedule.step()
 
     # --- steps_per_call blocks ----------------------------------------------------------------
 
@@ -128,13 +127,13 @@ class TrainlabModule(pl.LightningModule):
             blocks.apply(self.trainer, self._steps_per_call)
 
     def on_train_start(self) -> None:
+        configs = self.trainer.lr_scheduler_configs
+        self._schedule = configs[0].scheduler if configs and self.plain_steps else None
         self._direct = None
         if self._steps_per_call > 1 and blocks.direct(self, self.trainer):
-            configs = self.trainer.lr_scheduler_configs
             self._direct = (
                 self.trainer.optimizers[0],
                 self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress,
-                configs[0].scheduler if configs else None,
             )
         # A run resumed mid-epoch starts no epoch: it continues the checkpoint's sums.
         if not self._restore_sums():

@@ -174,13 +174,12 @@ class Case:
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from trainlab.config import CONF_DIR
+    from trainlab.config import CONF_DIR, compose_with_parameters
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="bench"):
-        return hydra_compose("train", overrides=list(overrides))
+        return compose_with_parameters("train", list(overrides))
 
 
 def allow_bench_targets() -> None:

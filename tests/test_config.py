@@ -209,3 +209,14 @@ def test_a_checkpoint_that_names_old_target_paths_still_loads(compose, tmp_path)
     rebuilt = checkpoint.build_model(ckpt)
     x = torch.randn(2, *cfg.data.input_shape)
     assert torch.equal(rebuilt.eval()(x), model.eval()(x))
+
+
+def test_a_resumed_run_compares_parameters_no_yaml_writes_with_their_defaults(compose):
+    from trainlab.checkpoint import config_changes
+
+    current = OmegaConf.to_container(compose(), resolve=True)
+    stored = OmegaConf.to_container(compose("data.per_device=true"), resolve=True)
+    assert config_changes(stored, current) == {"data.per_device": [True, False]}
+    stored["data"]["per_device"] = False  # what configs wrote before: the default
+    stored["data"]["loader"] = "memory"
+    assert config_changes(stored, current) == {}

@@ -33,13 +33,12 @@ KINDS = ("ckpt", "onnx", "pt")
 
 def compose_config(config: str, *overrides: str):
     """Hydra composition for module-scoped fixtures (conftest's `compose` is per test)."""
-    from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from trainlab.config import CONF_DIR
+    from trainlab.config import CONF_DIR, compose_with_parameters
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="test"):
-        return hydra_compose(config, overrides=list(overrides))
+        return compose_with_parameters(config, list(overrides))
 
 
 def train_and_export(root: Path, *overrides: str) -> SimpleNamespace:

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from trainlab.commands import override, shell
-from trainlab.config import check_targets, rename_moved_targets
+from trainlab.config import check_targets, parameter_default, rename_moved_targets
 from trainlab.errors import UserError
 
 KEY = "trainlab"  # the checkpoint's entry for what trainlab adds
@@ -161,8 +161,10 @@ BOOKKEEPING = (
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
     """{key: [stored value, current value]} for every setting that differs, bookkeeping aside.
 
-    A key that only one of the configs has comes from another version of trainlab (an option
-    added since) and is not compared; a section replaced by a value (scheduler=none) is.
+    A key that only one of the configs has is compared with the default of the `_target_`
+    parameter it sets (data.per_device=true given to one run only); otherwise it comes from
+    another version of trainlab (an option added since) and is not compared. A section
+    replaced by a value (scheduler=none) is compared.
     """
     changes: dict[str, list[Any]] = {}
 
@@ -170,8 +172,14 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str,
         if _is_bookkeeping(prefix):
             return
         if isinstance(theirs, dict) and isinstance(ours, dict):
-            for key in sorted(theirs.keys() & ours.keys(), key=str):
-                walk(theirs[key], ours[key], f"{prefix}.{key}" if prefix else str(key))
+            for key in sorted(theirs.keys() | ours.keys(), key=str):
+                here = f"{prefix}.{key}" if prefix else str(key)
+                if key in theirs and key in ours:
+                    walk(theirs[key], ours[key], here)
+                    continue
+                known, default = parameter_default(ours.get("_target_"), key)
+                if known:
+                    walk(theirs.get(key, default), ours.get(key, default), here)
         elif theirs != ours:
             changes[prefix] = [theirs, ours]
 

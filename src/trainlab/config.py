@@ -468,6 +468,19 @@ def _constructor_parameter(tree: dict, key: str) -> Any:
     return found[1].get(name) if found else None
 
 
+def parameter_default(target: Any, name: str) -> tuple[bool, Any]:
+    """(True, the default) where `target`, a `_target_` that conf/ names, takes `name` with a
+    literal default; else (False, None)."""
+    from trainlab.parameters import NO_DEFAULT, parameters
+
+    if not isinstance(target, str) or target not in known_targets():
+        return False, None
+    parameter = (parameters(target) or {}).get(name)
+    if parameter is None or parameter.default is NO_DEFAULT:
+        return False, None
+    return True, parameter.default
+
+
 # What a value of each simple parameter type must be, in words.
 KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (lambda v: isinstance(v, bool), "true or false"),

@@ -13,8 +13,10 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SIMPLE = ("bool", "int", "float", "str")
+NO_DEFAULT = object()  # a parameter without a default, or with one that is not a literal
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Parameter:
     kind: str | None  # bool, int, float or str where the annotation (or default) says so
     nullable: bool  # None is a valid value
     written: str  # as the source writes it, e.g. "per_device: bool = False"
+    default: Any = NO_DEFAULT  # where the source writes it as a literal
 
 
 @functools.cache
@@ -148,7 +151,12 @@ def _parameter(arg: ast.arg, default: ast.expr | None) -> Parameter:
     nullable = nullable or (isinstance(default, ast.Constant) and default.value is None)
     written = arg.arg + (f": {ast.unparse(arg.annotation)}" if arg.annotation else "")
     written += f" = {ast.unparse(default)}" if default is not None else ""
-    return Parameter(arg.arg, kind, nullable, written)
+    try:
+        value = ast.literal_eval(default) if default is not None else NO_DEFAULT
+        value = list(value) if isinstance(value, tuple) else value  # as a config holds it
+    except ValueError:
+        value = NO_DEFAULT
+    return Parameter(arg.arg, kind, nullable, written, value)
 
 
 def _annotation(node: ast.expr | None) -> tuple[str | None, bool]:

@@ -33,7 +33,7 @@ def definition(overrides: list[str]) -> dict[str, Any]:
     from hydra_plugins.trainlab_sweeps.optuna_sweeper import direction
     from trainlab.config import CONF_DIR, check_command_line
 
-    check_command_line("train", overrides)
+    overrides = check_command_line("train", overrides)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="train"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     params = cfg.hydra.sweeper.get("params") or {}

@@ -84,7 +84,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.loader = loader
         self.num_workers = num_workers
         self.splits: dict[str, TensorDataset] = {}
-        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None  # x * scale + shift
+        # x * scale + shift: set by setup, or by the first batch where it needs no data
+        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._affine_set = False
         self._on_device: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._normalise: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -131,7 +133,7 @@ class InMemoryDataModule(pl.LightningDataModule):
                 f"the training split has {len(self.splits['train'])} samples, fewer than one "
                 f"batch of {self.batch_size_per_device}: lower data.batch_size."
             )
-        self._affine = self._normalisation(self.splits["train"].tensors[0])
+        self._affine, self._affine_set = self._normalisation(self.splits["train"].tensors[0]), True
 
     def check(self, split: str, x: torch.Tensor) -> None:
         """Refuse features whose shape is not data.input_shape (subclasses add their own)."""
@@ -296,6 +298,10 @@ class InMemoryDataModule(pl.LightningDataModule):
         if isinstance(batch, Block):  # steps_per_call > 1
             return Block(self.on_after_batch_transfer(b, dataloader_idx) for b in batch)
         x, y = batch
+        if not self._affine_set:  # not set up (e.g. predicting): only constants can be used
+            if self.normalise in ("feature", "channel"):
+                raise RuntimeError(f"normalise={self.normalise!r} needs setup() first")
+            self._affine, self._affine_set = self._normalisation(x), True
         if self._affine is None:
             return x.float(), y
         if x.device not in self._normalise:

@@ -611,3 +611,12 @@ def test_statistics_from_the_data_replace_an_image_sets_own(compose):
     dm.setup("fit")
     x = normalised(dm, "train").double()
     assert abs(x.mean()) < 1e-5 and abs(x.std() - 1) < 1e-4  # the class's constants: within 0.05
+
+
+def test_deploying_a_model_of_features_is_refused_in_one_line(compose, tmp_path):
+    from trainlab.deploy import from_checkpoint
+
+    overrides = ["experiment=wine_mlp", "logger=csv", "trainer.max_epochs=1", "test=false"]
+    record = train(compose(*overrides), tmp_path / "run")
+    with pytest.raises(UserError, match=r"samples of shape \[13\] normalised by feature: only"):
+        from_checkpoint(record["best_ckpt"])

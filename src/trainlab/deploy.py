@@ -48,8 +48,15 @@ def from_checkpoint(path: str | Path) -> tuple[Deployed, dict[str, Any]]:
     # Constructing a data module reads no files, and it knows its input shape, mean and std;
     # what it holds (e.g. training transforms) is left unbuilt.
     datamodule = instantiate(cfg.data, _recursive_=False)
-    model = Deployed(checkpoint.build_model(ckpt).net, datamodule.mean, datamodule.std).eval()
     shape = [int(n) for n in datamodule.input_shape]
+    if len(shape) != 3 or datamodule.mean is None or getattr(datamodule, "normalise", None):
+        raise UserError(
+            f"{path} was trained on samples of shape {shape} normalised by "
+            f"{getattr(datamodule, 'normalise', None) or 'no given mean and std'}: only image "
+            "models normalised by a given per-channel mean and std (data.mean, data.std) can be "
+            "deployed. Load the checkpoint in Python instead (trainlab.checkpoint.build_model)."
+        )
+    model = Deployed(checkpoint.build_model(ckpt).net, datamodule.mean, datamodule.std).eval()
     if shape[0] not in CHANNELS:
         raise UserError(
             f"{path} takes {shape[0]}-channel inputs; only grey (1) or RGB (3) images can be "

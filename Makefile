@@ -22,12 +22,15 @@ $(READY): requirements.lock pyproject.toml
 train: $(READY)
 	$(BIN)/python -m trainlab.train $(ARGS)
 
-# The fast suite (a few minutes); `make test-all` adds the slow tests.
+# The fast suite (under 5 minutes on two cores); `make test-all` adds the slow tests. WORKERS
+# test processes share the work, a test file to each at a time (its module fixtures run once);
+# WORKERS=0 runs it in this process.
+WORKERS ?= 2
 test: $(READY)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadscope $(ARGS)
 
 test-all: $(READY)
-	$(BIN)/python -m pytest -m "" $(ARGS)
+	$(BIN)/python -m pytest -m "" -n $(WORKERS) --dist loadscope $(ARGS)
 
 lint: $(READY)
 	$(BIN)/ruff check .

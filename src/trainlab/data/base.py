@@ -353,8 +353,9 @@ def check_net_fits(model: pl.LightningModule, datamodule, choices: dict[str, str
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"model={model_name} does not fit the data: {data} samples of data.input_shape="
-            f"{list(shape)}, on which its net fails ({reason}). Give the net that input shape "
-            "(model.net.input_shape=${data.input_shape}), or use another model."
+            f"{list(shape)}, on which its net fails ({reason}). Use a model whose net takes "
+            "that shape (model=mlp takes any), or give the net the data's shape if it is set "
+            "apart (model.net.input_shape=${data.input_shape})."
         ) from None
     finally:
         net.train(training)

@@ -457,8 +457,14 @@ def overhead(case: Case, seconds: float, rounds: int) -> None:
         "in a terminal: Lightning's RichProgressBar": ([], "lightning"),
         "trainer.log_every_n_steps=1": (["trainer.log_every_n_steps=1"], None),
         "trainer.log_every_n_steps=10": (["trainer.log_every_n_steps=10"], None),
-        "self.log every step (Lightning's usual)": (["model._target_=__main__.LogEveryStep"], None),
-        "torchmetrics accuracy every step": (["model._target_=__main__.MetricEveryStep"], None),
+        "self.log every step (Lightning's usual)": (
+            ["model._target_=__main__.LogEveryStep", "steps_per_call=1"],  # its own step
+            None,
+        ),
+        "torchmetrics accuracy every step": (
+            ["model._target_=__main__.MetricEveryStep", "steps_per_call=1"],
+            None,
+        ),
         "data.loader=dataloader": (["data.loader=dataloader"], None),
         "data.loader=dataloader data.num_workers=1": (
             ["data.loader=dataloader", "data.num_workers=1"],

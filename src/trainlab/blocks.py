@@ -42,9 +42,11 @@ def choose(module, requested: int | str) -> tuple[int, str]:
         wanted = int(requested)
         n = max(f for f in fits if f <= wanted)
         why = "as set"
+    named = ", ".join(f"{k}={v}" for k, v in intervals.items())
     if n < wanted:
-        named = ", ".join(f"{k}={v}" for k, v in intervals.items())
         why += f"; {n} is the largest count up to that which divides {named}"
+    elif n > wanted:  # auto rounds up to a count that ends on every logged or saved step
+        why += f"; {n} is the first count from there that divides {named}"
     return n, why
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, tiny_trainer
 from hydra.utils import instantiate
 
 from trainlab.data.text import ConsecutiveWindows, TextDataModule
@@ -314,16 +314,8 @@ def test_a_checkpoint_from_lightnings_own_optimisation_resumes_at_its_step(compo
                 self.seen.append(trainer.global_step)
 
         steps = Steps()
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[steps],
-            **clip,
+        trainer = tiny_trainer(
+            max_epochs=None, max_steps=max_steps, limit_val_batches=0, callbacks=[steps], **clip
         )
         model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
         trainer.fit(model, datamodule=instantiate(cfg.data), ckpt_path=ckpt_path)

@@ -15,6 +15,7 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import tiny_trainer
 from hydra.utils import instantiate
 
 from trainlab.callbacks.progress import LiveBar
@@ -41,14 +42,7 @@ def mlp() -> Classifier:
 
 
 def fit(dm, callbacks, **trainer_args) -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        **{"max_epochs": 1, "enable_progress_bar": False, **trainer_args},
-    )
+    trainer = tiny_trainer(callbacks=callbacks, **trainer_args)
     trainer.fit(mlp(), datamodule=dm)
     return trainer
 
@@ -73,15 +67,7 @@ def test_epoch_loss_is_the_sample_weighted_mean_of_the_steps(digits):
 def test_epoch_accuracy_counts_the_correct_predictions(digits):
     dm = digits()
     model = Classifier(MLP([1, 8, 8], 10, dropout=0.0), 10, partial(torch.optim.SGD, lr=0.0))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = tiny_trainer(limit_val_batches=0)
     trainer.fit(model, datamodule=dm)  # lr 0: the weights never move, so accuracy is fixed
     x, y = dm.on_after_batch_transfer(dm.splits["train"].tensors, 0)
     expected = (model(x).argmax(1) == y).float().mean()
@@ -265,15 +251,7 @@ def test_a_module_of_ones_own_takes_plain_steps_and_logs_epoch_means():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1)), 32)
     steps, model = Steps(), Regression()
     before = model.net.weight.detach().clone()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[steps],
-    )
+    trainer = tiny_trainer(callbacks=[steps])
     trainer.fit(model, train_dataloaders=loader)  # loaders, no data module: no blocks
     assert model.steps_per_call_choice["steps_per_call"] == 1
     assert steps.automatic == [False] * 4 and trainer.global_step == 4  # 32, 32, 32, 4

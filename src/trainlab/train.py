@@ -71,7 +71,7 @@ def train(
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, lr=lr), scheduler=scheduler)
     check_net_fits(model, datamodule, choices or {})  # a shape mismatch: one line, not a traceback
-    if hasattr(model, "steps_per_call"):  # a Classifier: see trainlab.blocks
+    if hasattr(model, "steps_per_call"):  # a TrainlabModule: see trainlab.blocks
         model.steps_per_call = cfg.get("steps_per_call", "auto")
     if cfg.get("compile"):
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
@@ -119,7 +119,7 @@ def train(
         record["epochs"] = trainer.current_epoch
         record["steps"] = trainer.global_step
         record["steps_per_call"] = getattr(
-            model, "steps_per_call_choice", {"steps_per_call": 1, "why": "not a Classifier: 1"}
+            model, "steps_per_call_choice", {"steps_per_call": 1, "why": "not a TrainlabModule: 1"}
         )
         record["duration_s"] = round(time.perf_counter() - started, 3)
         agree = next((c for c in trainer.callbacks if isinstance(c, RanksAgree)), None)

@@ -27,6 +27,11 @@ from trainlab.errors import exit_on_user_error
 
 MULTIRUN = {"-m", "--multirun", "hydra.mode=MULTIRUN"}
 
+# True in a job of a sweep that the fork server started (trainlab.warm sets it; no environment
+# can): the launcher built its command line from the checked sweep, in a run dir it created, so
+# preparing it again would only compose the config twice more (0.3 s a job).
+prepared_by_launcher = False
+
 
 @dataclass
 class Prepared:
@@ -45,8 +50,14 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
 
     if sweeps:
         process_launcher.stop_with_parent()
+        if _warm_sweep(sys.argv[1:]):
+            from trainlab import warm
+
+            warm.start_early()  # its imports run while the sweep is checked and composed
     with exit_on_user_error():
-        prepared = prepare(entry, sys.argv[1:], sweeps)
+        prepared = (
+            Prepared(sys.argv[1:]) if prepared_by_launcher else prepare(entry, sys.argv[1:], sweeps)
+        )
     sys.argv[1:] = prepared.argv
     started = time.time()
     try:
@@ -69,6 +80,17 @@ def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
     argv = [*argv, *_resume_run(entry, argv), *_resume_sweep(entry, argv)]
     chosen = run_dirs.claim_run_dir(entry, argv)
     return Prepared([*argv, *chosen.arguments], sweep_dir=chosen.sweep_dir)
+
+
+def _warm_sweep(argv: list[str]) -> bool:
+    """Whether this command looks like a sweep whose jobs the fork server will start: the
+    process launcher (the default), warm start on, more than a dry run."""
+    if not MULTIRUN & set(argv) or {"--dry-run", "--help", "-h", "--cfg", "-c"} & set(argv):
+        return False
+    other_launcher = any(
+        a.startswith("hydra/launcher=") and a != "hydra/launcher=process" for a in argv
+    )
+    return not other_launcher and "hydra.launcher.warm=false" not in argv
 
 
 def _resume_run(entry: str, args: list[str]) -> list[str]:

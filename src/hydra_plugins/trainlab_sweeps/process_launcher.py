@@ -98,7 +98,7 @@ class ProcessLauncher(Launcher):
             from trainlab import warm
 
             if warm.available():  # it imports while Hydra and the sweeper get ready
-                self._server = warm.Server()
+                self._server = warm.server()
 
     def launch(self, job_overrides, initial_job_idx: int) -> list[JobReturn]:
         assert self.config is not None
@@ -258,7 +258,7 @@ class ProcessLauncher(Launcher):
         server = self._warm_server()
         if server is not None:
             args = cmd[3:]  # after `python -m <module>`
-            proc = server.start(self.module, args, env, os.getcwd(), console.name)
+            proc = server.start(self.module, args, env, os.getcwd(), console.name, prepared=True)
             if proc is not None:
                 return proc, "warm"
         proc = subprocess.Popen(
@@ -593,14 +593,16 @@ def _wait(proc: subprocess.Popen, console: Path, offset: int, echo: bool) -> int
     with open(console, "rb") as f:
         f.seek(offset)
         while True:
-            exit_code = proc.poll()
+            try:
+                exit_code = proc.wait(timeout=0.2)  # returns as soon as the job ends
+            except subprocess.TimeoutExpired:
+                exit_code = None
             text = decoder.decode(f.read())
             if text:
                 sys.stdout.write(text)
                 sys.stdout.flush()
             if exit_code is not None:
                 return exit_code
-            time.sleep(0.2)
 
 
 def _tail(path: Path, size: int = 8192) -> list[str]:

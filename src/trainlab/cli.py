@@ -20,17 +20,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainlab import run_dirs
+from trainlab import run_dirs, warm
 from trainlab.commands import override
 from trainlab.config import check_command_line
 from trainlab.errors import exit_on_user_error
 
 MULTIRUN = {"-m", "--multirun", "hydra.mode=MULTIRUN"}
-
-# True in a job of a sweep that the fork server started (trainlab.warm sets it; no environment
-# can): the launcher built its command line from the checked sweep, in a run dir it created, so
-# preparing it again would only compose the config twice more (0.3 s a job).
-prepared_by_launcher = False
 
 
 @dataclass
@@ -51,12 +46,11 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
     if sweeps:
         process_launcher.stop_with_parent()
         if _warm_sweep(sys.argv[1:]):
-            from trainlab import warm
-
             warm.start_early()  # its imports run while the sweep is checked and composed
     with exit_on_user_error():
         prepared = (
-            Prepared(sys.argv[1:]) if prepared_by_launcher else prepare(entry, sys.argv[1:], sweeps)
+            # a sweep's job from the fork server: the launcher built and checked its command line
+            Prepared(sys.argv[1:]) if warm.sweep_job() else prepare(entry, sys.argv[1:], sweeps)
         )
     sys.argv[1:] = prepared.argv
     started = time.time()

@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab import cli
+from trainlab import cli, warm
 from trainlab.config import CONF_DIR, check_targets, check_values
 from trainlab.errors import UserError, exit_on_user_error
 
@@ -77,6 +77,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    warm.wait_for_turn()  # a sweep's next job, composed ahead of its turn, waits here
     hc = HydraConfig.get()
     with exit_on_user_error():
         record = evaluate(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))

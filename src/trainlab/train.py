@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
-from trainlab import cli
+from trainlab import cli, warm
 from trainlab.commands import override, train_command
 from trainlab.config import CONF_DIR, check_values
 from trainlab.errors import Interrupted, exit_on_user_error
@@ -201,6 +201,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     from trainlab.console import print_config
 
+    warm.wait_for_turn()  # a sweep's next job, composed ahead of its turn, waits here
     hc = HydraConfig.get()
     # A job of a sweep runs as a single run in its own process; the launcher names its sweep.
     sweep = os.environ.get(process_launcher.SWEEP_ENV) or (

@@ -7,12 +7,14 @@ and looks like `python -m <module> <args>` from inside: sys.argv, `__main__` and
 `__spec__` are what `python -m` makes them, so Lightning's DDP launcher re-runs the right
 command line in its children. The server never initialises CUDA (checked before it serves).
 
-The launcher (hydra_plugins/trainlab_sweeps/process_launcher.py) starts the server with
-`Server()`, in a session of its own, and talks to it over a socket pair, one JSON line a
-message: a job to start (argv, environment, cwd, output files), answered with its pid, and
-later with its exit code (the server is the job's parent, and reaps it). The server exits
-when the socket closes, that is when the launcher's process ends however it ends; its jobs
-then get SIGTERM from the kernel (stop_with_parent, with the server as their parent).
+A sweep's command starts the server first thing (start_early, from trainlab.cli), and the
+launcher (hydra_plugins/trainlab_sweeps/process_launcher.py) takes it over (server()); it runs
+in a session of its own and talks to the launcher over a socket pair, one JSON line a message:
+a job to start (argv, environment, cwd, output files, whether it waits for its turn), answered
+with its pid, and later with its exit code (the server is the job's parent, and reaps it). The
+server exits when the socket closes, that is when the launcher's process ends however it ends
+(or is killed with it); its jobs then get SIGTERM from the kernel (stop_with_parent, with the
+server as their parent).
 """
 
 from __future__ import annotations
@@ -75,6 +77,27 @@ def server() -> Server:
     return found or Server()
 
 
+# The request this process was forked for, in a job the server started; None in any other.
+this_job: dict[str, Any] | None = None
+TURN_SIGNAL = signal.SIGUSR2  # a held job's go (blocked in the server, so in a job from birth)
+
+
+def sweep_job() -> bool:
+    """Whether this process is a job of a sweep that the server forked: the launcher built its
+    command line from the checked sweep, in a run dir it created (cli skips preparing it)."""
+    return bool(this_job and this_job["sweep"])
+
+
+def wait_for_turn() -> None:
+    """Where an entry point's task function starts. A job the launcher started ahead of its
+    turn (the next job of a sweep run one job at a time) has had Hydra compose its config and
+    set up its run dir meanwhile, while the job before it trained; here it waits for its turn,
+    before it prints, reads data or touches a device."""
+    if this_job and this_job["held"]:
+        signal.sigwait([TURN_SIGNAL])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [TURN_SIGNAL])
+
+
 # --------------------------------------------------------------------------- launcher side
 
 
@@ -121,12 +144,14 @@ class Server:
         cwd: str,
         console: str,
         stderr: str | None = None,
-        prepared: bool = False,
+        sweep: bool = False,
+        held: bool = False,
     ):
         """Fork a job that runs `python -m module *args`, its stdout and stderr appended to the
         file `console` (stderr to its own file if given); its WarmJob, or None if the server
-        is gone (the caller then starts the job cold). `prepared`: the command line is a job's
-        of a sweep, which the launcher has checked (see cli.prepared_by_launcher)."""
+        is gone (the caller then starts the job cold). `sweep`: a job of a sweep, whose command
+        line the launcher built (see sweep_job); `held`: it waits at wait_for_turn until
+        release() is called."""
         job = WarmJob(self)
         with self._lock:
             if self._gone:
@@ -134,7 +159,9 @@ class Server:
             self._next += 1
             self._requests[self._next] = job
             request = {"id": self._next, "module": module, "args": args, "env": env}
-            request.update(cwd=cwd, console=console, stderr=stderr or console, prepared=prepared)
+            request.update(
+                cwd=cwd, console=console, stderr=stderr or console, sweep=sweep, held=held
+            )
         try:
             with self._send_lock:
                 self._sock.sendall(json.dumps(request).encode() + b"\n")
@@ -209,6 +236,11 @@ class WarmJob:
         assert self.returncode is not None
         return self.returncode
 
+    def release(self) -> None:
+        """A held job (see wait_for_turn): go on."""
+        with contextlib.suppress(ProcessLookupError):  # it ended before its turn came
+            self.send_signal(TURN_SIGNAL)
+
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
             os.kill(self.pid, signum)
@@ -245,6 +277,7 @@ def serve(sock: socket.socket) -> dict[str, Any]:
     os.set_blocking(wakeup_w, False)
     signal.set_wakeup_fd(wakeup_w)  # SIGCHLD wakes select() up
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [TURN_SIGNAL])
     import torch
 
     if torch.cuda.is_initialized():  # forked jobs could not use CUDA: let them start cold
@@ -321,7 +354,6 @@ def run_job(job: dict[str, Any]) -> None:
     import runpy
 
     from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV
-    from trainlab import cli
 
     os.setsid()  # a session of its own, as a cold job has: signals reach it from the launcher
     os.chdir(job["cwd"])
@@ -335,8 +367,9 @@ def run_job(job: dict[str, Any]) -> None:
     os.environ.clear()
     os.environ.update({**job["env"], **imported})  # e.g. Lightning's NVML check, set at import
     os.environ[PARENT_ENV] = str(job["server"])  # its jobs' parent: they stop when the server dies
-    _fresh_state()
-    cli.prepared_by_launcher = job["prepared"]
+    global this_job
+    this_job = job
+    _fresh_state(held=job["held"])
     sys.argv = [job["module"], *job["args"]]
     sys.orig_argv = [sys.executable, "-m", job["module"], *job["args"]]
     sys.modules.pop(job["module"], None)  # run afresh as __main__, as `python -m` does
@@ -375,7 +408,7 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF)
 
 
-def _fresh_state() -> None:
+def _fresh_state(held: bool) -> None:
     """What a fork shares with the server and its other jobs, and a fresh process would not."""
     import numpy as np
     import torch
@@ -389,7 +422,7 @@ def _fresh_state() -> None:
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    signal.pthread_sigmask(signal.SIG_SETMASK, [TURN_SIGNAL] if held else [])
 
 
 def main() -> None:
@@ -401,4 +434,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from trainlab import warm  # this file as the module jobs import (this_job), not __main__
+
+    warm.main()

@@ -6,7 +6,9 @@ several devices needs its own process tree, since Lightning's DDP launcher re-ru
 command line in each child (in-process, that would re-run the whole sweep).
 
 Each job runs as a plain single run whose run directory is the job's sweep directory, and
-writes its own output to <job dir>/console.log. The sweep's record is <sweep dir>/sweep.json
+writes its own output to <job dir>/console.log. Jobs fork from a warm server (trainlab.warm);
+run one at a time, the next job is forked while the current one trains and waits, its config
+composed, for its turn. The sweep's record is <sweep dir>/sweep.json
 (see SweepRecord): every job with its overrides, status (pending, running, finished, failed,
 interrupted), error, final metrics and, when interrupted, the command that continues it.
 
@@ -88,6 +90,7 @@ class ProcessLauncher(Launcher):
         self._workers = 1
         self._launches = 0  # launch() calls under way
         self._running: dict[int, subprocess.Popen] = {}
+        self._held: dict[int, tuple[Any, int]] = {}  # the next job, started ahead: (proc, offset)
         self._stopping: int | None = None  # the signal that stops the sweep
         self._starting = threading.Lock()  # Hydra's config loader, one job at a time
 
@@ -136,7 +139,10 @@ class ProcessLauncher(Launcher):
                 return kept
             slot = slots.get()
             try:
-                return self._run(job, slot, echo=workers == 1)
+                # One job at a time: the next one composes its config while this one trains.
+                later = jobs[jobs.index(job) + 1 :] if workers == 1 else []
+                next_job = next((j for j in later if not self._was_finished(j)), None)
+                return self._run(job, slot, echo=workers == 1, next_job=next_job)
             finally:
                 slots.put(slot)
 
@@ -144,6 +150,7 @@ class ProcessLauncher(Launcher):
             with _signals_to(self._on_signal), ThreadPoolExecutor(max_workers=workers) as pool:
                 returns = list(pool.map(run, jobs))
         finally:
+            self._drop_held()
             with self._lock:
                 self._launches -= 1
                 if self._launches == 0 or self._stopping is not None:
@@ -166,16 +173,22 @@ class ProcessLauncher(Launcher):
         args = [a for a in sys.argv[1:] if a != "resume=auto"]
         return shell(["python", "-m", self.module, *args, "resume=auto"])
 
-    def _finished_earlier(self, job: dict[str, Any]) -> JobReturn | None:
-        """A job that an earlier run of this sweep finished: kept as it is, not run again."""
+    def _was_finished(self, job: dict[str, Any]) -> bool:
+        """Whether an earlier run of this sweep finished `job`."""
         assert self.record is not None
-        earlier = self.record.earlier.get(job["num"], {})
         metrics = _read_json(job["dir"] / "metrics.json")
         done = metrics.get("status") == "finished" and same_job(
             metrics.get("overrides") or [], job["overrides"]
         )
-        if not (done or earlier.get("status") == "finished"):
+        return done or self.record.earlier.get(job["num"], {}).get("status") == "finished"
+
+    def _finished_earlier(self, job: dict[str, Any]) -> JobReturn | None:
+        """A job that an earlier run of this sweep finished: kept as it is, not run again."""
+        assert self.record is not None
+        if not self._was_finished(job):
             return None
+        earlier = self.record.earlier.get(job["num"], {})
+        metrics = _read_json(job["dir"] / "metrics.json")
         entry = {**earlier, **{k: v for k, v in metrics.items() if "/" in k}}
         entry.update(num=job["num"], overrides=job["overrides"], dir=str(job["dir"]))
         entry["status"] = "finished"
@@ -185,24 +198,13 @@ class ProcessLauncher(Launcher):
         log.info(f"#{job['num']} finished in an earlier run of this sweep: kept")
         return self._job_return(job, {**metrics, **entry})
 
-    def _run(self, job: dict[str, Any], gpus: str | None, echo: bool) -> JobReturn:
+    def _run(
+        self, job: dict[str, Any], gpus: str | None, echo: bool, next_job: dict[str, Any] | None
+    ) -> JobReturn:
         assert self.record is not None and self.config is not None
         if self._stopping is not None:
             return self._job_return(job, {"status": "pending"})  # so sweep.json says
         job_dir: Path = job["dir"]
-        job_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # W&B: own service
-        env[SWEEP_ENV] = Path(self.config.hydra.sweep.dir).name
-        env[JOB_ENV] = str(job["num"])
-        env[PARENT_ENV] = str(os.getpid())
-        env["PYTHONUNBUFFERED"] = "1"  # console.log up to date, whatever happens to the job
-        if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus
-        # A list, so no shell reads it; the directory quoted for Hydra's override grammar.
-        run_dir = override("hydra.run.dir", job_dir)
-        cmd = [sys.executable, "-m", self.module, *job["overrides"], run_dir]
-        if (job_dir / "checkpoints").is_dir() and "resume=auto" not in cmd:
-            cmd.append("resume=auto")  # an earlier try of this job: continue it, never over it
         entry = {
             "num": job["num"],
             "overrides": job["overrides"],
@@ -214,15 +216,20 @@ class ProcessLauncher(Launcher):
         log.info(f"#{job['num']} started: {' '.join(job['overrides'])}")
 
         started = time.perf_counter()
-        console_path = job_dir / "console.log"
-        with open(console_path, "ab") as console:  # appended to when a job is continued
-            offset = console.tell()
-            proc, entry["start"] = self._start(cmd, env, console)
+        held = self._held.pop(job["num"], None)
+        if held is not None:
+            (proc, offset), entry["start"] = held, "warm"
+            proc.release()
+        else:
+            proc, entry["start"], offset = self._start(job, gpus)
         entry["pid"] = proc.pid
         self.record.update(entry)
         self._running[job["num"]] = proc
         if self._stopping is not None:  # the signal came while it started
             _send(proc, self._stopping)
+        if next_job is not None and self._stopping is None:
+            self._start_held(next_job, gpus)
+        console_path = job_dir / "console.log"
         try:
             exit_code = _wait(proc, console_path, offset, echo)
         finally:
@@ -251,25 +258,58 @@ class ProcessLauncher(Launcher):
         )
         return self._job_return(job, {**metrics, **entry})
 
-    def _start(self, cmd: list[str], env: dict[str, str], console: Any) -> tuple[Any, str]:
-        """The job's process, and how it started: forked by the warm server ("warm": it has
-        imported torch and Lightning already), or a fresh `python -m ...` ("cold"). Either way
-        a session of its own: a Ctrl-C in the terminal reaches it once, from _on_signal."""
-        server = self._warm_server()
-        if server is not None:
-            args = cmd[3:]  # after `python -m <module>`
-            proc = server.start(self.module, args, env, os.getcwd(), console.name, prepared=True)
-            if proc is not None:
-                return proc, "warm"
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=console,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return proc, "cold"
+    def _start(self, job: dict[str, Any], gpus: str | None, held: bool = False) -> tuple:
+        """(process, how it started, where its output starts in console.log). Forked by the
+        warm server ("warm": it has imported torch and Lightning already; `held`: it waits for
+        its turn, see trainlab.warm.wait_for_turn), or a fresh `python -m ...` ("cold"). Either
+        way a session of its own: a Ctrl-C in the terminal reaches it once, from _on_signal."""
+        assert self.config is not None
+        job_dir: Path = job["dir"]
+        job_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # W&B: own service
+        env[SWEEP_ENV] = Path(self.config.hydra.sweep.dir).name
+        env[JOB_ENV] = str(job["num"])
+        env[PARENT_ENV] = str(os.getpid())
+        env["PYTHONUNBUFFERED"] = "1"  # console.log up to date, whatever happens to the job
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
+        # A list, so no shell reads it; the directory quoted for Hydra's override grammar.
+        args = [*job["overrides"], override("hydra.run.dir", job_dir)]
+        if (job_dir / "checkpoints").is_dir() and "resume=auto" not in args:
+            args.append("resume=auto")  # an earlier try of this job: continue it, never over it
+        with open(job_dir / "console.log", "ab") as console:  # appended to when continued
+            offset = console.tell()
+            server = self._warm_server()
+            if server is not None:
+                proc = server.start(
+                    self.module, args, env, os.getcwd(), console.name, sweep=True, held=held
+                )
+                if proc is not None:
+                    return proc, "warm", offset
+            if held:
+                return None, "cold", offset
+            proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return proc, "cold", offset
+
+    def _start_held(self, job: dict[str, Any], gpus: str | None) -> None:
+        """Start `job` warm, to wait for its turn; nothing if jobs start cold."""
+        proc, _, offset = self._start(job, gpus, held=True)
+        if proc is not None:
+            self._held[job["num"]] = (proc, offset)
+
+    def _drop_held(self) -> None:
+        """Stop jobs started ahead whose turn will not come (the sweep stops): they have only
+        composed their configs."""
+        while self._held:
+            _, (proc, _) = self._held.popitem()
+            _send(proc, signal.SIGKILL)
 
     def _warm_server(self) -> Any:
         """The fork server once it serves; None (jobs start cold) if it is off or failed."""
@@ -302,6 +342,7 @@ class ProcessLauncher(Launcher):
             )
             for proc in running:
                 _send(proc, signum)
+            self._drop_held()
         else:
             print(f"\n{name} again: killing every job now", file=sys.stderr, flush=True)
             for proc in running:

@@ -15,7 +15,7 @@ measure. Rounds alternate floor, raw and template, and the best round of each co
 burst of load from another process does not decide a ratio; the process keeps freed memory in
 its heap (`steady_malloc`), for all three alike.
 
-  python bench/throughput.py --quick      # throughput only, under 3 minutes on 2 CPU cores
+  python bench/throughput.py --quick      # throughput only, about 5 minutes on 2 CPU cores
   python bench/throughput.py              # all parts: throughput, overhead (what each default
                                           # costs a step), epoch, accuracy, startup
   python bench/throughput.py --parts overhead,epoch
@@ -739,7 +739,7 @@ def main() -> None:
     args = parser.parse_args()
     parts = ["throughput"] if args.quick else args.parts.split(",")
     seconds = args.seconds or (1.5 if args.quick else 3.0)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or 3  # best of 3: two left a ratio's spread at 4% on 2 shared cores
     min_steps = 10 if args.quick else 30
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

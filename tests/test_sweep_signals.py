@@ -200,6 +200,42 @@ def test_killed_sweep_takes_its_jobs_with_it(tmp_path, then_resume):
         assert_all_finished(sweep, resumed={"0", "1"})
 
 
+def test_ctrl_c_while_the_server_imports_starts_no_job(tmp_path):
+    """Ctrl-C in a sweep's first seconds, while its fork server still imports torch (held
+    there by SIGSTOP, so that the moment is certain): the sweep ends at once, starting nothing,
+    every job pending, and the server goes with it."""
+    proc = start(tmp_path, *SWEEP, NONE_DONE)
+    deadline = time.monotonic() + 60
+    while True:
+        servers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "trainlab.warm" in p.cmdline()
+        ]
+        if servers:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.01)
+    (server,) = servers
+    server.suspend()  # SIGSTOP: it never becomes ready
+    while not list(tmp_path.glob("logs/train/sweeps/*/sweep.json")):  # the jobs wait for it
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=15)
+    server.resume()  # the SIGTERM its launcher's death sent it takes effect
+    none_left_in(tmp_path)
+
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert (
+        "0 finished, 0 were interrupted (each saved a checkpoint) and 4 had not started" in stderr
+    )
+    record = jobs(sweep_of(tmp_path))
+    assert {job["status"] for job in record.values()} == {"pending"}
+    assert not any("pid" in job for job in record.values())
+
+
 @pytest.mark.slow
 def test_second_ctrl_c_stops_at_once(tmp_path):
     proc = start(tmp_path, *SWEEP, NONE_DONE)

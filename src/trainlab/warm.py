@@ -80,6 +80,7 @@ def server() -> Server:
 # The request this process was forked for, in a job the server started; None in any other.
 this_job: dict[str, Any] | None = None
 TURN_SIGNAL = signal.SIGUSR2  # a held job's go (blocked in the server, so in a job from birth)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def sweep_job() -> bool:
@@ -131,9 +132,11 @@ class Server:
         self._next = 0
         threading.Thread(target=self._read, daemon=True, name="warm-server").start()
 
-    def ready(self, timeout: float = 300) -> bool:
-        """Whether the server has imported everything and serves (False: it failed)."""
-        self._ready.wait(timeout)
+    def ready(self, timeout: float = 300) -> bool | None:
+        """Whether the server has imported everything and serves (False: it failed; None: it
+        is still importing after `timeout` seconds)."""
+        if not self._ready.wait(timeout):
+            return None
         return self.info.get("ready") is True and not self._gone
 
     def start(
@@ -300,6 +303,9 @@ def serve(sock: socket.socket) -> dict[str, Any]:
             while b"\n" in buffer:
                 line, buffer = buffer.split(b"\n", 1)
                 job = {**json.loads(line), "server": os.getpid()}
+                # A stop signal sent to the job as it starts waits for its own handlers
+                # (_fresh_state), rather than meeting the server's, or none.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
                 pid = os.fork()
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
@@ -308,6 +314,7 @@ def serve(sock: socket.socket) -> dict[str, Any]:
                         os.close(fd)
                     sock.close()
                     return job
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 _send(sock, {"id": job["id"], "pid": pid})
 
 

@@ -202,7 +202,8 @@ class ProcessLauncher(Launcher):
         self, job: dict[str, Any], gpus: str | None, echo: bool, next_job: dict[str, Any] | None
     ) -> JobReturn:
         assert self.record is not None and self.config is not None
-        if self._stopping is not None:
+        self._warm_server()  # the first job waits here for the server's imports
+        if self._stopping is not None:  # (a stop meanwhile starts nothing)
             return self._job_return(job, {"status": "pending"})  # so sweep.json says
         job_dir: Path = job["dir"]
         entry = {
@@ -312,10 +313,14 @@ class ProcessLauncher(Launcher):
             _send(proc, signal.SIGKILL)
 
     def _warm_server(self) -> Any:
-        """The fork server once it serves; None (jobs start cold) if it is off or failed."""
+        """The fork server once it serves (or still importing, when the sweep stops meanwhile);
+        None (jobs start cold) if it is off or failed."""
         with self._server_lock:
             server = self._server
-            if server is not None and not server.ready():
+            state = None
+            while server is not None and state is None and self._stopping is None:
+                state = server.ready(timeout=0.2)  # a stop ends the wait for its imports
+            if server is not None and state is False:
                 error = server.info.get("error") or "its process ended"
                 log.warning(f"Warm start unavailable ({error}): each job starts a fresh process")
                 self._server = server = None

@@ -218,13 +218,15 @@ def test_ctrl_c_while_the_server_imports_starts_no_job(tmp_path):
         time.sleep(0.01)
     (server,) = servers
     server.suspend()  # SIGSTOP: it never becomes ready
-    while not list(tmp_path.glob("logs/train/sweeps/*/sweep.json")):  # the jobs wait for it
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-        time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=15)
-    server.resume()  # the SIGTERM its launcher's death sent it takes effect
+    try:
+        while not list(tmp_path.glob("logs/train/sweeps/*/sweep.json")):  # jobs wait for it
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        server.resume()  # the SIGTERM its launcher's death sent it takes effect
     none_left_in(tmp_path)
 
     assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]

@@ -128,6 +128,14 @@ def test_dry_run_lists_jobs_and_runs_nothing(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
+def test_the_sweep_flag_may_follow_overrides(tmp_path):
+    # Hydra's own parser takes no flag after an override: the entry points put -m first
+    args = ("optimizer.lr=1e-3", "-m", "data.batch_size=32,64", "--dry-run")
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "#1: optimizer.lr=0.001 data.batch_size=64" in result.stdout
+
+
 def test_gpus_are_shared_out_among_parallel_jobs(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     assert gpu_slots(2, None) == ["0,1", "2,3"]

@@ -68,6 +68,8 @@ def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
     """The command line `python -m trainlab.<entry> <argv>` as Hydra must read it (see the
     module's docstring); a UserError where it is wrong."""
     dry_run = sweeps and "--dry-run" in argv
+    # -m first: Hydra's parser takes no flag after an override (`a=1 -m b=2,3` fails there)
+    argv = [a for a in argv if a in MULTIRUN] + [a for a in argv if a not in MULTIRUN]
     argv = check_command_line(entry, [a for a in argv if a != "--dry-run" or not sweeps])
     if dry_run:
         return _dry_run(argv)

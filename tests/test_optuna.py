@@ -224,3 +224,24 @@ def test_a_grid_sweep_keeps_every_slot_busy(tmp_path):
         return time.mktime(time.strptime(jobs[num]["started"], "%Y-%m-%d %H:%M:%S"))
 
     assert started("2") + 2 < started("0") + jobs["0"]["duration_s"]  # to the second
+
+
+def test_a_sweep_on_the_command_line_joins_the_search_space(tmp_path):
+    # as with Hydra's own Optuna sweeper; optimizer.eps, a parameter of torch.optim.Adam that
+    # no config file writes, reaches each trial as `++optimizer.eps=...`
+    eps = "optimizer.eps=tag(log, interval(1e-8, 1e-6))"
+    args = ("-m", *SEARCH, eps, "model=mlp,cnn")
+    result = run_cli("trainlab.train", *args, "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "optimizer.eps: FloatDistribution(high=1e-06, log=True, low=1e-08" in result.stdout
+    assert "model: CategoricalDistribution(choices=('mlp', 'cnn'))" in result.stdout
+    assert "Each trial also gets: hparams_search=optuna_lr_batch logger=csv" in result.stdout
+
+    one = ("hydra.sweeper.n_trials=1", "debug=limit")
+    result = run_cli("trainlab.train", "-m", *SEARCH, eps, *one, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = tmp_path.glob("logs/train/optuna/*/sweep.json")
+    (job,) = json.loads(record.read_text())["jobs"].values()
+    assert job["status"] == "finished"
+    (eps_set,) = [o for o in job["overrides"] if "optimizer.eps" in o]
+    assert eps_set.startswith("++optimizer.eps=") and 1e-8 <= float(eps_set.split("=")[1]) <= 1e-6

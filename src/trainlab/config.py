@@ -342,10 +342,16 @@ def _package(o: Any) -> str:
 
 
 def _values(override: Any) -> list[Any]:
-    """The value of an override, or every value of a sweep (`a=1,2,3`), as a job gets it."""
+    """The value of an override, every value of a sweep (`a=1,2,3`), as a job gets it, or the
+    bounds of an interval that a search draws from (`interval(1e-4, 1e-1)`)."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [value.start, value.end]
     if override.is_sweep_override():
         return [_unquoted(v) for v in override.sweep_iterator()]
-    return [override.value()]
+    return [value]
 
 
 def _unquoted(value: Any) -> Any:
@@ -675,7 +681,6 @@ def check_sweep_params(params: Any, source: str) -> None:
     """A search space (hydra.sweeper.params, an hparams_search file, an Optuna or W&B sweep):
     each key is set for a job as a command line would set it, so the same checks apply."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import IntervalSweep
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
@@ -691,9 +696,7 @@ def check_sweep_params(params: Any, source: str) -> None:
                 f"the search space of {source} cannot be read at '{text}': "
                 f"{str(e).splitlines()[0]}."
             ) from None
-        value = o.value()
-        values = [value.start, value.end] if isinstance(value, IntervalSweep) else _values(o)
-        for v in values:
+        for v in _values(o):
             check_sweep_value(o.key_or_group, v, f"'{text}' in {source}")
 
 

@@ -79,6 +79,7 @@ class OptunaSweeper(Sweeper):
     ) -> None:
         self.old_metric = metric
         self.params = _flat(params or {})
+        self._names: dict[str, str] = {}  # a search-space key as a trial's override names it
         self.n_trials = n_trials
         self.metric: str | None = None  # monitor.metric, known in setup()
         self.direction = direction
@@ -121,8 +122,10 @@ class OptunaSweeper(Sweeper):
                 "the metric whose best value should rank trials, e.g. 'monitor.metric=val/loss "
                 "monitor.mode=min'."
             )
-        space = search_space(self.params)
-        fixed = _fixed_arguments(arguments)
+        searched, fixed = _split_arguments(arguments)
+        space = search_space({**self.params, **searched})
+        # A key that no config file writes (a constructor's parameter) is added, as `++` does.
+        self._names = {k: k if _in_config(self.config, k) else f"++{k}" for k in space}
         make_pruner(self.pruner, self.pruner_args)  # a typo fails here, not in every trial
         sweep_dir = Path(self.config.hydra.sweep.dir)
         storage = storage_url(self.storage, sweep_dir)
@@ -259,7 +262,7 @@ class OptunaSweeper(Sweeper):
                     return
             overrides = [
                 *fixed,
-                *(_param(key, trial.params[key]) for key in space),
+                *(_param(self._names[key], trial.params[key]) for key in space),
             ]
             try:
                 (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
@@ -383,17 +386,24 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
     return space
 
 
-def _fixed_arguments(arguments: list[str]) -> list[str]:
-    """Command-line overrides shared by every trial; sweeps belong in the search space."""
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    for override_ in parsed:
+def _split_arguments(arguments: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(the command line's sweeps, which join the search space as Hydra's own Optuna sweeper
+    takes them, e.g. 'optimizer.lr=tag(log, interval(1e-4, 1e-1))' or 'model=mlp,cnn'; the
+    overrides every trial gets)."""
+    searched, fixed = {}, []
+    for override_ in OverridesParser.create().parse_overrides(arguments):
         if override_.is_sweep_override():
-            raise ValueError(
-                f"'{override_.input_line}' sweeps, but with the Optuna sweeper the search "
-                f"space goes in hydra.sweeper.params (e.g. "
-                f"'hydra.sweeper.params.{override_.get_key_element()}=choice(...)')."
-            )
-    return [o.input_line for o in parsed]
+            searched[override_.key_or_group] = override_.input_line.partition("=")[2]
+        else:
+            fixed.append(override_.input_line)
+    return searched, fixed
+
+
+def _in_config(config: DictConfig, key: str) -> bool:
+    return OmegaConf.select(config, key, default=_ABSENT) is not _ABSENT
+
+
+_ABSENT = object()
 
 
 def _param(key: str, value: Any) -> str:

@@ -106,9 +106,9 @@ class Server:
     """The launcher's handle on a fork server: `start()` a job, get a Popen-like WarmJob."""
 
     def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
         from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV
 
+        ours, theirs = socket.socketpair()
         env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
         env["PYTHONUNBUFFERED"] = "1"  # the jobs' stdout and stderr, as for a cold job
         env[PARENT_ENV] = str(os.getpid())  # it stops when this process dies, imports or not

@@ -245,3 +245,18 @@ def test_a_sweep_on_the_command_line_joins_the_search_space(tmp_path):
     assert job["status"] == "finished"
     (eps_set,) = [o for o in job["overrides"] if "optimizer.eps" in o]
     assert eps_set.startswith("++optimizer.eps=") and 1e-8 <= float(eps_set.split("=")[1]) <= 1e-6
+
+
+def test_a_continued_study_draws_new_points(tmp_path):
+    # the sampler's seed is fixed for a repeatable study; continued, it must not ask for its
+    # first points again (the same trials trained twice)
+    args = ("-m", *SEARCH, "debug=limit")
+    for n_trials in (2, 4):
+        result = run_cli(
+            "trainlab.train", *args, f"hydra.sweeper.n_trials={n_trials}", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    (db,) = tmp_path.glob("logs/train/optuna/*/optuna.db")
+    study = load_study("lr_batch", f"sqlite:///{db}")
+    points = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(points) == 4 and len(set(points)) == 4, points

@@ -174,15 +174,11 @@ class OptunaSweeper(Sweeper):
         import optuna
         from sqlalchemy.exc import SQLAlchemyError
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=self._sampler_seed(), constant_liar=True)
         try:
-            return optuna.create_study(
+            study = optuna.create_study(
                 study_name=self.study_name,
                 storage=open_storage(storage),
                 direction=self.direction,
-                sampler=sampler,
                 pruner=make_pruner(self.pruner, self.pruner_args),
                 load_if_exists=True,
             )
@@ -194,10 +190,18 @@ class OptunaSweeper(Sweeper):
                 "nothing) or the path of a journal file on a shared file system "
                 "(e.g. /shared/study.log)."
             ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            seed = self._sampler_seed(len(study.trials))
+            study.sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+        return study
 
-    def _sampler_seed(self) -> int | None:
-        if self.seed is None or not self.storage:
-            return self.seed
+    def _sampler_seed(self, trials: int) -> int | None:
+        if self.seed is None:
+            return None
+        if not self.storage:
+            # A continued study draws on from where it stopped, not its first points again.
+            return self.seed if not trials else zlib.crc32(f"{self.seed}:{trials}".encode())
         # Other sweeps may share this study: with one seed they would all ask for the same
         # first trials. Each its own; a shared study's order is not repeatable anyway.
         return zlib.crc32(f"{self.seed}:{socket.gethostname()}:{os.getpid()}".encode())

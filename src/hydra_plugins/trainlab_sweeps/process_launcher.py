@@ -133,14 +133,15 @@ class ProcessLauncher(Launcher):
         record.add(jobs)
         log.info(f"Launching {len(jobs)} jobs, {workers} at a time, each in its own process")
 
-        def run(job: dict[str, Any]) -> JobReturn:
+        def run(i: int) -> JobReturn:
+            job = jobs[i]
             kept = self._finished_earlier(job)
             if kept is not None:
                 return kept
             slot = slots.get()
             try:
                 # One job at a time: the next one composes its config while this one trains.
-                later = jobs[jobs.index(job) + 1 :] if workers == 1 else []
+                later = jobs[i + 1 :] if workers == 1 else []
                 next_job = next((j for j in later if not self._was_finished(j)), None)
                 return self._run(job, slot, echo=workers == 1, next_job=next_job)
             finally:
@@ -148,7 +149,7 @@ class ProcessLauncher(Launcher):
 
         try:
             with _signals_to(self._on_signal), ThreadPoolExecutor(max_workers=workers) as pool:
-                returns = list(pool.map(run, jobs))
+                returns = list(pool.map(run, range(len(jobs))))
         finally:
             self._drop_held()
             with self._lock:

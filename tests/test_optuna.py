@@ -113,7 +113,7 @@ def test_the_direction_follows_monitor_mode_unless_set(tmp_path):
     assert not (tmp_path / "logs").exists()
 
 
-def test_a_wrong_pruner_or_storage_is_one_paragraph(tmp_path):
+def test_a_wrong_pruner_storage_or_direction_is_one_paragraph(tmp_path):
     result = run_cli("trainlab.train", "-m", *SEARCH, "hydra.sweeper.pruner=medain", cwd=tmp_path)
     assert result.returncode == 2
     assert "hydra.sweeper.pruner=medain is not a pruner: choose one of none, median" in (
@@ -129,6 +129,10 @@ def test_a_wrong_pruner_or_storage_is_one_paragraph(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "could not be opened" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("metrics.json"))
+    args = ("-m", *SEARCH, "hydra.sweeper.direction=maximise")
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "hydra.sweeper.direction=maximise is neither maximize nor minimize" in result.stderr
 
 
 @pytest.mark.slow

@@ -97,7 +97,8 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
         self.metric = config.monitor.metric
-        self.direction = direction(config)
+        with exit_on_user_error():  # here, as Hydra would print it as a crash
+            self.direction = direction(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -305,7 +306,13 @@ class OptunaSweeper(Sweeper):
 
 def direction(config: DictConfig) -> str:
     """hydra.sweeper.direction where it is set, else monitor.mode's: maximize or minimize."""
-    return config.hydra.sweeper.get("direction") or DIRECTIONS[config.monitor.mode]
+    chosen = config.hydra.sweeper.get("direction") or DIRECTIONS[config.monitor.mode]
+    if chosen not in ("maximize", "minimize"):
+        raise UserError(
+            f"hydra.sweeper.direction={chosen} is neither maximize nor minimize (Optuna's "
+            "words); or leave it out, and the study follows monitor.mode."
+        )
+    return chosen
 
 
 def _counts(trial: Any) -> bool:

@@ -251,6 +251,7 @@ def test_a_sweep_on_the_command_line_joins_the_search_space(tmp_path):
     assert eps_set.startswith("++optimizer.eps=") and 1e-8 <= float(eps_set.split("=")[1]) <= 1e-6
 
 
+@pytest.mark.slow  # two studies of fresh processes: about 25 s
 def test_a_continued_study_draws_new_points(tmp_path):
     # the sampler's seed is fixed for a repeatable study; continued, it must not ask for its
     # first points again (the same trials trained twice)

@@ -142,7 +142,7 @@ class ProcessLauncher(Launcher):
             try:
                 # One job at a time: the next one composes its config while this one trains.
                 later = jobs[i + 1 :] if workers == 1 else []
-                next_job = next((j for j in later if not self._was_finished(j)), None)
+                next_job = next((j for j in later if not self._was_finished(j, _metrics(j))), None)
                 return self._run(job, slot, echo=workers == 1, next_job=next_job)
             finally:
                 slots.put(slot)
@@ -174,10 +174,9 @@ class ProcessLauncher(Launcher):
         args = [a for a in sys.argv[1:] if a != "resume=auto"]
         return shell(["python", "-m", self.module, *args, "resume=auto"])
 
-    def _was_finished(self, job: dict[str, Any]) -> bool:
-        """Whether an earlier run of this sweep finished `job`."""
+    def _was_finished(self, job: dict[str, Any], metrics: dict[str, Any]) -> bool:
+        """Whether an earlier run of this sweep finished `job` (`metrics`: its metrics.json)."""
         assert self.record is not None
-        metrics = _read_json(job["dir"] / "metrics.json")
         done = metrics.get("status") == "finished" and same_job(
             metrics.get("overrides") or [], job["overrides"]
         )
@@ -186,10 +185,10 @@ class ProcessLauncher(Launcher):
     def _finished_earlier(self, job: dict[str, Any]) -> JobReturn | None:
         """A job that an earlier run of this sweep finished: kept as it is, not run again."""
         assert self.record is not None
-        if not self._was_finished(job):
+        metrics = _metrics(job)
+        if not self._was_finished(job, metrics):
             return None
         earlier = self.record.earlier.get(job["num"], {})
-        metrics = _read_json(job["dir"] / "metrics.json")
         entry = {**earlier, **{k: v for k, v in metrics.items() if "/" in k}}
         entry.update(num=job["num"], overrides=job["overrides"], dir=str(job["dir"]))
         entry["status"] = "finished"
@@ -238,7 +237,7 @@ class ProcessLauncher(Launcher):
             self._running.pop(job["num"], None)
 
         stopping = self._stopping is not None
-        metrics = _read_json(job_dir / "metrics.json")
+        metrics = _metrics(job)
         entry.update({k: v for k, v in metrics.items() if "/" in k})
         entry["exit_code"] = exit_code
         entry["duration_s"] = round(time.perf_counter() - started, 2)
@@ -691,6 +690,11 @@ def _gpu_count() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def _metrics(job: dict[str, Any]) -> dict[str, Any]:
+    """The job's metrics.json ({} where it has none, or an unreadable one)."""
+    return _read_json(job["dir"] / "metrics.json")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -137,6 +137,14 @@ def start_cli(
     )
 
 
+def stderr_of(proc) -> str:
+    """The end of a run's stderr, for a failed assertion: the run is killed first if it still
+    runs (a test gave up waiting for it), so that reading it cannot wait forever."""
+    if proc.poll() is None:
+        proc.kill()
+    return proc.communicate(timeout=30)[1][-3000:]
+
+
 def tiny_trainer(**overrides):
     """A real pl.Trainer on the CPU that writes and prints nothing of its own, for a test of a
     model or a callback: one epoch unless `overrides` say otherwise."""

@@ -107,7 +107,7 @@ def test_option_composes_and_instantiates(compose, tmp_path, group, option):
     finally:
         _finish_wandb()
     names = {type(logger).__name__ for logger in loggers}
-    assert "CSVLogger" in names  # local metrics, whatever the logger
+    assert "RunCSVLogger" in names  # local metrics, whatever the logger
     if group == "logger":
         expected = {
             "csv": set(),

@@ -58,7 +58,9 @@ def torchrun_node(cwd: Path, node_rank: int, port: int, *args: str) -> subproces
 
 
 def test_ddp_inside_a_sweep_runs_each_job_once(tmp_path):
-    result = run_cli("trainlab.train", "-m", "optimizer.lr=1e-3,1e-2", *DDP, cwd=tmp_path)
+    result = run_cli(
+        "trainlab.train", "-m", "optimizer.lr=1e-3,1e-2", *DDP, "test=false", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (sweep,) = (tmp_path / "logs" / "train" / "sweeps").iterdir()
     # exactly the two jobs: DDP's child processes did not re-run the sweep
@@ -72,6 +74,7 @@ def test_ddp_inside_a_sweep_runs_each_job_once(tmp_path):
         assert len(list((sweep / job / "wandb").glob("offline-run-*"))) == 1
 
 
+@pytest.mark.slow
 def test_two_nodes_under_torchrun_share_one_run_and_its_weights(tmp_path):
     port = free_port()
     nodes = [torchrun_node(tmp_path, rank, port) for rank in (0, 1)]

@@ -1,9 +1,11 @@
 """Runs die; work must not. Real processes are killed and signalled here, and resumed."""
 
+import csv
 import json
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +82,49 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
         if row.split(",")[header.index("val/acc")]
     }
     assert epochs_with_val == {"0", "1", "2", "3"}
+
+
+# Writes 5000 rows to metrics.csv, then adds a column after each new row: each addition
+# rewrites the whole file (Lightning's writer, trainlab.loggers.RunCSVLogger), again and again.
+REWRITING = """
+import sys
+from trainlab.loggers import RunCSVLogger
+logger = RunCSVLogger(save_dir=sys.argv[1], name="", version="")
+for step in range(5000):
+    logger.log_metrics({"loss": 1.0}, step=step)
+logger.save()
+print("written", flush=True)
+for step in range(5000, 10**9):
+    logger.log_metrics({"loss": 1.0, f"column{step}": 2.0}, step=step)
+    logger.save()
+"""
+
+
+def test_metrics_csv_keeps_every_row_when_killed_while_adding_a_column(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REWRITING, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline() == "written\n"
+        for _ in range(10):  # a reader, then the kill, lands inside a rewrite (most of the time)
+            time.sleep(0.05)
+            rows = list(csv.DictReader((tmp_path / "metrics.csv").open(newline="")))
+            assert len(rows) >= 5000
+    finally:
+        proc.kill()
+        proc.wait()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open(newline="")))
+    assert len(rows) >= 5000 and [r["step"] for r in rows[:3]] == ["0", "1", "2"]
+
+    # a run resumed in that directory appends to the history and clears the half-written copy
+    from trainlab.loggers import RunCSVLogger
+
+    logger = RunCSVLogger(save_dir=tmp_path, name="", version="")
+    logger.log_metrics({"loss": 0.5, "new": 1.0}, step=10**9)
+    logger.save()
+    after = list(csv.DictReader((tmp_path / "metrics.csv").open(newline="")))
+    assert after[: len(rows)] == [{**r, "new": ""} for r in rows]
+    assert after[-1]["loss"] == "0.5" and not (tmp_path / "metrics.csv.partial").exists()
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_cli, start_cli
+from conftest import run_cli, start_cli, stderr_of
 
-from hydra_plugins.trainlab_sweeps.process_launcher import launcher_alive, sweep_status
+from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV, launcher_alive, sweep_status
 from trainlab.commands import override
 from trainlab.compare import compare
 
@@ -207,20 +207,22 @@ def test_ctrl_c_while_the_server_imports_starts_no_job(tmp_path):
     proc = start(tmp_path, *SWEEP, NONE_DONE)
     deadline = time.monotonic() + 60
     while True:
+        # the server once it has exec'd (before, the child is the sweep's own copy, which a
+        # SIGSTOP would freeze together with the sweep, halfway through starting it)
         servers = [
             p
             for p in psutil.Process(proc.pid).children(recursive=True)
-            if "trainlab.warm" in p.cmdline()
+            if p.environ().get(PARENT_ENV) == str(proc.pid)
         ]
         if servers:
             break
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        assert proc.poll() is None and time.monotonic() < deadline, stderr_of(proc)
         time.sleep(0.01)
     (server,) = servers
     server.suspend()  # SIGSTOP: it never becomes ready
     try:
         while not list(tmp_path.glob("logs/train/sweeps/*/sweep.json")):  # jobs wait for it
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            assert proc.poll() is None and time.monotonic() < deadline, stderr_of(proc)
             time.sleep(0.05)
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)

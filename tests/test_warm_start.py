@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import WarmProcess, child_env, run_cli, start_cli
+from conftest import WarmProcess, child_env, run_cli, start_cli, stderr_of
 
 FAST = ("debug=limit", "logger=csv", "test=false")
 
@@ -67,7 +67,7 @@ def test_a_job_that_crashes_leaves_the_others_finished(tmp_path):
     proc = start_cli("trainlab.train", "-m", "trainer.max_epochs=2,60,2", *FAST, cwd=tmp_path)
     deadline = time.monotonic() + 180
     while not list(tmp_path.glob("logs/train/sweeps/*/1/checkpoints/last.ckpt")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        assert proc.poll() is None and time.monotonic() < deadline, stderr_of(proc)
         time.sleep(0.05)
     job = sweep_record(tmp_path)["jobs"]["1"]
     assert job["status"] == "running" and job["start"] == "warm"

@@ -6,6 +6,7 @@ the server, it logs offline into the run directory and says how to upload later.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import socket
@@ -15,6 +16,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
 REACH_TIMEOUT_S = 3.0
@@ -32,10 +36,10 @@ def build_loggers(
     `group` and `name` label the run in W&B: a sweep's jobs share the group. `wandb_id`
     continues an earlier W&B run (a resumed run).
     """
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    loggers = [_keep_history(CSVLogger(save_dir=run_dir, name="", version=""))]
+    loggers = [RunCSVLogger(save_dir=run_dir, name="", version="")]
     for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
@@ -68,16 +72,45 @@ def build_loggers(
     return loggers
 
 
-def _keep_history(logger):
-    """Lightning's CSV writer deletes an existing metrics.csv when it starts; a resumed run
-    must append to it instead, so that the history of the epochs before the interruption stays."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    if path.is_file() and logger._experiment is None:
-        history = path.read_text()
-        writer = logger.experiment  # deletes the file
-        path.write_text(history)
-        writer.metrics_keys = history.splitlines()[0].split(",") if history else []
-    return logger
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, writing <run dir>/metrics.csv so that no kill loses its history.
+
+    Lightning's writer deletes an existing metrics.csv when it starts, and rewrites the whole
+    file in place each time a new column appears (the end of the first epoch adds several): a
+    run killed during that rewrite kept a header and part of its rows. Here a resumed run
+    appends to the file, and a rewrite goes to a temporary file that replaces it in one step.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._experiment = _HistoryWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _HistoryWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        path.with_name(path.name + ".partial").unlink(missing_ok=True)  # a rewrite cut short
+        if not path.is_file():
+            return
+        text = path.read_text()
+        if text and not text.endswith("\n"):  # a row cut short by a kill: drop it
+            path.write_text(text[: text.rfind("\n") + 1])
+        with path.open(newline="") as f:
+            self.metrics_keys = next(csv.reader(f), [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        path = Path(self.metrics_file_path)
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(partial, path)
 
 
 def wandb_offline_reason() -> tuple[bool, str]:

@@ -203,8 +203,9 @@ def test_killed_sweep_takes_its_jobs_with_it(tmp_path, then_resume):
 def test_ctrl_c_while_the_server_imports_starts_no_job(tmp_path):
     """Ctrl-C in a sweep's first seconds, while its fork server still imports torch (held
     there by SIGSTOP, so that the moment is certain): the sweep ends at once, starting nothing,
-    every job pending, and the server goes with it."""
-    proc = start(tmp_path, *SWEEP, NONE_DONE)
+    every job pending, and the server goes with it. Started cold, as from a terminal (a sweep
+    the test's own warm server forked would fork its server ready-made)."""
+    proc = start_cli("trainlab.train", *SWEEP, NONE_DONE, cwd=tmp_path, cold=True, new_session=True)
     deadline = time.monotonic() + 60
     while True:
         # the server once it has exec'd (before, the child is the sweep's own copy, which a
@@ -226,9 +227,10 @@ def test_ctrl_c_while_the_server_imports_starts_no_job(tmp_path):
             time.sleep(0.05)
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
-        _, stderr = proc.communicate(timeout=15)
+        proc.wait(timeout=15)  # at once, though its server still holds the sweep's stderr open
     finally:
         server.resume()  # the SIGTERM its launcher's death sent it takes effect
+    _, stderr = proc.communicate(timeout=30)
     none_left_in(tmp_path)
 
     assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]

@@ -25,10 +25,13 @@ def metrics(cwd: Path, job: dict) -> dict:
     return json.loads((cwd / job["dir"] / "metrics.json").read_text())
 
 
-def test_warm_jobs_are_processes_of_their_own(tmp_path):
+# A sweep started from a terminal (cold) starts its server as `python -m trainlab.warm`; one
+# that a warm server forked, as the other tests' sweeps are, forks its server from itself.
+@pytest.mark.parametrize("cold", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_warm_jobs_are_processes_of_their_own(tmp_path, cold):
     # three jobs of one setting, without a seed: each must draw its own initial weights
     args = ("-m", "seed=null", "optimizer.lr=1e-3,0.001,1e-3", *FAST)
-    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    result = run_cli("trainlab.train", *args, cwd=tmp_path, cold=cold)
     assert result.returncode == 0, result.stderr[-3000:]
     record = sweep_record(tmp_path)
     jobs = list(record["jobs"].values())

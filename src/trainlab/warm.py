@@ -14,7 +14,8 @@ a job to start (argv, environment, cwd, output files, whether it waits for its t
 with its pid, and later with its exit code (the server is the job's parent, and reaps it). The
 server exits when the socket closes, that is when the launcher's process ends however it ends
 (or is killed with it); its jobs then get SIGTERM from the kernel (stop_with_parent, with the
-server as their parent).
+server as their parent). A sweep that is itself a warm job (the test suite starts its sweeps
+so) forks its server from itself instead: the imports are already done.
 """
 
 from __future__ import annotations
@@ -112,14 +113,23 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
         env["PYTHONUNBUFFERED"] = "1"  # the jobs' stdout and stderr, as for a cold job
         env[PARENT_ENV] = str(os.getpid())  # it stops when this process dies, imports or not
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainlab.warm", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl-C in the terminal reaches the jobs through here
-        )
+        if this_job is not None and threading.active_count() == 1:
+            # This process is a job a server forked (a sweep started warm, as the test suite
+            # starts them): a copy of it has everything imported already.
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()  # or the copy would write this process's pending output again
+            if os.fork() == 0:
+                ours.close()
+                _serve_as_fork(theirs, env)
+        else:
+            subprocess.Popen(
+                [sys.executable, "-m", "trainlab.warm", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the jobs through here
+            )
         theirs.close()
         self._sock = ours
         self._send_lock = threading.Lock()
@@ -437,6 +447,27 @@ def main() -> None:
 
     stop_with_parent()
     sock = socket.socket(fileno=int(sys.argv[1]))
+    run_job(serve(sock))
+
+
+def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
+    """In a forked copy of a warm job: become the server `python -m trainlab.warm` would be,
+    in the state that process would start in."""
+    from hydra_plugins.trainlab_sweeps.process_launcher import stop_with_parent
+
+    global this_job, _STARTUP_ENV, _STARTUP_CWD
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.environ.clear()
+    os.environ.update(env)
+    this_job, _STARTUP_ENV, _STARTUP_CWD = None, dict(env), os.getcwd()
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    stop_with_parent()
     run_job(serve(sock))
 
 

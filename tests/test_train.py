@@ -179,6 +179,16 @@ def test_wandb_run_gets_flat_config_group_and_name(compose, tmp_path):
         _finish_wandb()
 
 
+def test_eval_sweeps_over_checkpoints(default_run):
+    cwd, _, run_dir = default_run
+    ckpts = [run_dir / "checkpoints" / name for name in ("best.ckpt", "last.ckpt")]
+    result = run_cli("trainlab.eval", "-m", f"ckpt_path={ckpts[0]},{ckpts[1]}", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (cwd / "logs" / "eval" / "sweeps").iterdir()
+    evaluated = [json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1")]
+    assert [e["ckpt_path"] for e in evaluated] == [str(c) for c in ckpts]
+
+
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     from hydra import compose, initialize_config_dir

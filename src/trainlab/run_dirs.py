@@ -76,7 +76,7 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     if not multirun:
         _refuse_sweeps(args.overrides)
     key = f"hydra.{'sweep' if multirun else 'run'}.dir"
-    _check_required(cfg)
+    _check_required(cfg, args.overrides)
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
     path = Path(str(OmegaConf.select(cfg, key)))
@@ -128,10 +128,17 @@ def _refuse_sweeps(overrides: list[str]) -> None:
             )
 
 
-def _check_required(cfg: Any) -> None:
+def _check_required(cfg: Any, overrides: list[str]) -> None:
     """Values the command must give (`???` in its entry config, e.g. eval's ckpt_path): asked
-    for here, before a run directory exists for a command that cannot run."""
-    missing = [key for key in cfg if key != "hydra" and OmegaConf.is_missing(cfg, key)]
+    for here, before a run directory exists for a command that cannot run. A key the command
+    sweeps over is given (each job gets one of its values; `cfg` leaves sweeps out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    missing = [
+        key for key in cfg if key != "hydra" and key not in swept and OmegaConf.is_missing(cfg, key)
+    ]
     if missing:
         needed = " ".join(f"{key}=<value>" for key in missing)
         raise UserError(f"{', '.join(missing)} must be given: add {needed} to the command.")

@@ -19,12 +19,8 @@ def quiet_lightning() -> None:
             logging.getLogger(name).propagate = True
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: "Tip:" not in record.getMessage())
-    # The run directory already holds .hydra/ when the CSV logger starts writing into it, and
-    # its checkpoints when a run resumes.
+    # A resumed run's directory already holds its checkpoints.
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-    warnings.filterwarnings(
-        "ignore", message="Experiment logs directory .* exists and is not empty"
-    )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # Steps are counted across epochs: an epoch shorter than log_every_n_steps still gets the
     # step loss logged every log_every_n_steps steps, and its epoch means every epoch.

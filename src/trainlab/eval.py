@@ -25,12 +25,12 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
         raise UserError(f"split must be test or val, but it is {cfg.split!r}.")
     import lightning.pytorch as pl
     from hydra.utils import instantiate
-    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     from trainlab import checkpoint, compute, console, run_record
     from trainlab.callbacks.confusion import ConfusionMatrix
     from trainlab.callbacks.progress import progress_bar
+    from trainlab.loggers import RunCSVLogger
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,7 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     datamodule = instantiate(data_cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        logger=RunCSVLogger(save_dir=run_dir, name="", version=""),
         callbacks=[progress_bar(), ConfusionMatrix()],
         default_root_dir=str(run_dir),
     )

@@ -566,10 +566,19 @@ def report(record: Path, signum: int | None = None) -> None:
         return
     words = []
     if signum is not None:
+        # a job stopped before its first step has no checkpoint: it starts again from scratch
+        saved = sum(
+            (Path(j["dir"]) / "checkpoints" / "last.ckpt").is_file()
+            for j in jobs
+            if j["status"] == "interrupted"
+        )
+        interrupted = f"{count['interrupted']} were interrupted"
+        if count["interrupted"]:
+            each = "each" if saved == count["interrupted"] else f"{saved} of them"
+            interrupted += f" ({each} saved a checkpoint)"
         words.append(
             f"the sweep was stopped by {signal.Signals(signum).name}: of its {len(jobs)} jobs, "
-            f"{count['finished']} finished, {count['interrupted']} were interrupted (each "
-            f"saved a checkpoint) and {count['pending']} had not started."
+            f"{count['finished']} finished, {interrupted} and {count['pending']} had not started."
         )
     elif count["interrupted"]:
         words.append(f"{count['interrupted']} job(s) of the sweep were interrupted.")

@@ -133,6 +133,8 @@ def test_a_wrong_pruner_storage_or_direction_is_one_paragraph(tmp_path):
     result = run_cli("trainlab.train", *args, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "hydra.sweeper.direction=maximise is neither maximize nor minimize" in result.stderr
+    # the study's directory, created for the command, does not stay behind empty
+    assert not [p for p in (tmp_path / "logs").rglob("*") if p.is_dir() and not any(p.iterdir())]
 
 
 @pytest.mark.slow

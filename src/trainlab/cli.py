@@ -9,12 +9,13 @@ in a scratch directory removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class Prepared:
     argv: list[str]
     sweep_dir: Path | None = None  # where a sweep writes sweep.json (none for a single run)
     scratch: Path | None = None  # a dry run's, removed once Hydra returns
+    created: list[Path] = field(default_factory=list)  # dirs this command made (see run)
 
 
 def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
@@ -62,6 +64,11 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
     finally:
         if prepared.scratch:
             shutil.rmtree(prepared.scratch, ignore_errors=True)
+        # A command refused once Hydra ran (a sweeper setting, say) leaves no empty directory
+        # behind; rmdir leaves any that holds something.
+        with contextlib.suppress(OSError):
+            for path in prepared.created:
+                path.rmdir()
 
 
 def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
@@ -75,7 +82,7 @@ def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
         return _dry_run(argv)
     argv = [*argv, *_resume_run(entry, argv), *_resume_sweep(entry, argv)]
     chosen = run_dirs.claim_run_dir(entry, argv)
-    return Prepared([*argv, *chosen.arguments], sweep_dir=chosen.sweep_dir)
+    return Prepared([*argv, *chosen.arguments], chosen.sweep_dir, created=chosen.created)
 
 
 def _warm_sweep(argv: list[str]) -> bool:

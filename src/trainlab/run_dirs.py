@@ -18,7 +18,7 @@ import errno
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class Chosen:
 
     arguments: list[str]  # to append to the command line: the override naming a new directory
     sweep_dir: Path | None = None  # a sweep's directory (where it writes sweep.json)
+    created: list[Path] = field(default_factory=list)  # the dirs this command made, deepest first
 
 
 def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
@@ -80,6 +81,7 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
     path = Path(str(OmegaConf.select(cfg, key)))
+    missing = [p for p in (path, *path.parents) if not os.path.exists(p)]  # False on errors
     arguments = []
     if any(a.lstrip("+").startswith(f"{key}=") for a in args.overrides):
         make_dir(path, key)
@@ -88,7 +90,8 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     else:
         path = claim(path)
         arguments = [override(key, path)]
-    return Chosen(arguments, path if multirun else None)
+        missing = [path, *missing[1:]]
+    return Chosen(arguments, path if multirun else None, missing)
 
 
 def claim(path: Path) -> Path:

@@ -71,7 +71,11 @@ def test_compare_logs_finds_nested_sweeps_and_runs(sweep, tmp_path):
     logs = tmp_path / "logs"
     copy(sweep, logs / "train" / "sweeps" / sweep.name)
     copy(sweep, logs / "older" / "project a" / "sweeps" / "first")
-    copy(sweep / "0", logs / "train" / "runs" / "a-single-run")
+    single = copy(sweep / "0", logs / "train" / "runs" / "a-single-run")
+    # continued after a stop, and logged elsewhere: still a repeat of the sweep's first job
+    record = json.loads((single / "metrics.json").read_text())
+    record["overrides"] += ["resume=auto", "logger=wandb"]
+    (single / "metrics.json").write_text(json.dumps(record))
     truncate(logs / "older" / "project a" / "sweeps" / "first" / "sweep.json")
 
     result = run_cli("trainlab.compare", "logs", cwd=tmp_path)

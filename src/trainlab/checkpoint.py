@@ -25,7 +25,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
 from trainlab.commands import override, shell
-from trainlab.config import check_targets, parameter_default, rename_moved_targets
+from trainlab.config import (
+    check_targets,
+    is_bookkeeping,
+    parameter_default,
+    rename_moved_targets,
+)
 from trainlab.errors import UserError
 
 KEY = "trainlab"  # the checkpoint's entry for what trainlab adds
@@ -133,31 +138,6 @@ def build_model(ckpt: dict[str, Any]) -> pl.LightningModule:
     return model
 
 
-# Keys that say where a run writes, what it reports or how often it saves, not what it computes:
-# changing them on resume is not a change of the run. (Checked as prefixes of dotted keys.)
-BOOKKEEPING = (
-    "resume",
-    "resume_allow_changes",
-    "ckpt_path",
-    "checkpoint_every_n_steps",
-    "steps_per_call",  # the same weights either way; a resumed run keeps the checkpoint's
-    "test",
-    "tags",
-    "threads",
-    "paths",
-    "logger",
-    "data.data_dir",
-    "trainer.log_every_n_steps",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.profiler",
-    "callbacks.lr_monitor",
-    "callbacks.last_checkpoint",  # checkpoint_every_n_steps
-    "effective_batch_size",  # derived from keys that are compared
-    "effective_lr",
-)
-
-
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
     """{key: [stored value, current value]} for every setting that differs, bookkeeping aside.
 
@@ -169,7 +149,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str,
     changes: dict[str, list[Any]] = {}
 
     def walk(theirs: Any, ours: Any, prefix: str) -> None:
-        if _is_bookkeeping(prefix):
+        if is_bookkeeping(prefix):
             return
         if isinstance(theirs, dict) and isinstance(ours, dict):
             for key in sorted(theirs.keys() | ours.keys(), key=str):
@@ -185,10 +165,6 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> dict[str,
 
     walk(stored, current, "")
     return changes
-
-
-def _is_bookkeeping(key: str) -> bool:
-    return any(key == b or key.startswith(f"{b}.") for b in BOOKKEEPING)
 
 
 def check_config(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> dict[str, list[Any]]:

@@ -31,9 +31,11 @@ from typing import Any
 
 from hydra_plugins.trainlab_sweeps.process_launcher import SUMMARY_FILE, sweep_status
 from trainlab.commands import override, train_command
+from trainlab.config import is_bookkeeping
 from trainlab.errors import UserError, exit_on_user_error
 
-IGNORED_IN_GROUPS = ("seed=", "hparams_search=")  # what differs between repeats of one setting
+# What differs between repeats of one setting, besides the bookkeeping keys (config.BOOKKEEPING)
+IGNORED_IN_GROUPS = ("seed", "hparams_search", "hydra")
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Run:
 
     @property
     def group(self) -> tuple[str, ...]:
-        return tuple(o for o in self.overrides if not o.startswith(IGNORED_IN_GROUPS))
+        return tuple(o for o in self.overrides if not _ignored_in_groups(o))
 
     def param(self, dotted: str) -> Any:
         node: Any = self.config
@@ -79,6 +81,11 @@ class Problem:
     path: Path
     what: str
     kind: str = "unreadable"  # or "died": a sweep whose process is gone
+
+
+def _ignored_in_groups(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return is_bookkeeping(key) or key.split(".")[0].split("/")[0] in IGNORED_IN_GROUPS
 
 
 def find_runs(paths: list[Path]) -> tuple[list[Run], list[Problem]]:

@@ -16,6 +16,36 @@ from typing import Any
 
 from trainlab.errors import UserError
 
+# Keys that say where a run writes, what it reports or how often it saves, not what it computes:
+# changing them on resume is not a change of the run, and compare groups runs across them.
+# (Checked as prefixes of dotted keys.)
+BOOKKEEPING = (
+    "resume",
+    "resume_allow_changes",
+    "ckpt_path",
+    "checkpoint_every_n_steps",
+    "steps_per_call",  # the same weights either way; a resumed run keeps the checkpoint's
+    "test",
+    "tags",
+    "threads",
+    "paths",
+    "logger",
+    "data.data_dir",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.profiler",
+    "callbacks.lr_monitor",
+    "callbacks.last_checkpoint",  # checkpoint_every_n_steps
+    "effective_batch_size",  # derived from keys that are compared
+    "effective_lr",
+)
+
+
+def is_bookkeeping(key: str) -> bool:
+    """Whether the dotted `key` is one of BOOKKEEPING, or inside one."""
+    return any(key == b or key.startswith(f"{b}.") for b in BOOKKEEPING)
+
 
 def _find_conf_dir() -> Path:
     packaged = Path(__file__).parent / "conf"  # inside an installed wheel

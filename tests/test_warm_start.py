@@ -56,6 +56,7 @@ def test_warm_jobs_are_processes_of_their_own(tmp_path, cold):
         assert (run_dir / "hparams.yaml").stat().st_mtime > ended
 
 
+@pytest.mark.slow
 def test_warm_false_starts_each_job_cold(tmp_path):
     args = ("-m", "optimizer.lr=1e-3", *FAST, "hydra.launcher.warm=false")
     result = run_cli("trainlab.train", *args, cwd=tmp_path)

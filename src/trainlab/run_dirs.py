@@ -81,7 +81,8 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
     path = Path(str(OmegaConf.select(cfg, key)))
-    missing = [p for p in (path, *path.parents) if not os.path.exists(p)]  # False on errors
+    # (absolute: a run with hydra.job.chdir=true is elsewhere when they are removed)
+    missing = [p for p in (path.absolute(), *path.absolute().parents) if not os.path.exists(p)]
     arguments = []
     if any(a.lstrip("+").startswith(f"{key}=") for a in args.overrides):
         make_dir(path, key)
@@ -90,7 +91,7 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     else:
         path = claim(path)
         arguments = [override(key, path)]
-        missing = [path, *missing[1:]]
+        missing = [path.absolute(), *missing[1:]]
     return Chosen(arguments, path if multirun else None, missing)
 
 

@@ -47,13 +47,16 @@ def test_warm_jobs_are_processes_of_their_own(tmp_path, cold):
         assert console.startswith("config") and "Trainer.fit` stopped" in console
     # not the server's random state in each (forked processes share it unless reseeded)
     assert len({metrics(tmp_path, job)["train/loss"] for job in jobs}) == 3
-    # one at a time: each job composed its config while the one before it ran, and began its
-    # run (the logger's hparams.yaml) only once that one had ended
+    # one at a time: each job began its run (the logger's hparams.yaml) only once the one before
+    # it had ended, and composed its config meanwhile (ahead of its turn: on a loaded machine a
+    # short job can end before the next has composed, so at least once in the sweep)
+    composed_ahead = []
     for before, job in zip(jobs, jobs[1:], strict=False):
         ended = (tmp_path / before["dir"] / "metrics.json").stat().st_mtime
         run_dir = tmp_path / job["dir"]
-        assert (run_dir / ".hydra" / "config.yaml").stat().st_mtime < ended
+        composed_ahead.append((run_dir / ".hydra" / "config.yaml").stat().st_mtime < ended)
         assert (run_dir / "hparams.yaml").stat().st_mtime > ended
+    assert any(composed_ahead)
 
 
 @pytest.mark.slow

@@ -55,8 +55,7 @@ def wait_for_checkpoints(
         if len(found) == len(nums):
             return found[0].parents[2]
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the sweep did not get that far: {proc.communicate()[1][-3000:]}")
+            pytest.fail(f"the sweep did not get that far: {stderr_of(proc)}")
         time.sleep(0.05)
 
 

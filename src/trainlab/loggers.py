@@ -97,9 +97,9 @@ class _HistoryWriter(ExperimentWriter):
             return
         text = path.read_text()
         if text and not text.endswith("\n"):  # a row cut short by a kill: drop it
-            path.write_text(text[: text.rfind("\n") + 1])
-        with path.open(newline="") as f:
-            self.metrics_keys = next(csv.reader(f), [])
+            text = text[: text.rfind("\n") + 1]
+            path.write_text(text)
+        self.metrics_keys = next(csv.reader([text.partition("\n")[0]]), [])
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         path = Path(self.metrics_file_path)

@@ -68,16 +68,22 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     it is shared on purpose), and say how to hand it to Hydra; nothing where the command runs
     nothing (--help, --cfg, --info)."""
     from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = get_args_parser().parse_known_args(argv)[0]
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return Chosen([])
     cfg = compose(entry, args.overrides, args.config_name)
     multirun = args.multirun or str(cfg.hydra.mode).endswith("MULTIRUN")  # -m or hydra.mode
-    if not multirun:
-        _refuse_sweeps(args.overrides)
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise UserError(
+            f"'{sweeps[0].input_line}' gives several values, which makes a sweep: add -m to run "
+            "one job for each, or give one value."
+        )
     key = f"hydra.{'sweep' if multirun else 'run'}.dir"
-    _check_required(cfg, args.overrides)
+    _check_required(cfg, {o.key_or_group for o in sweeps})
     if "data" in cfg:  # train and eval read data sets; export and predict do not
         check_data_dir(cfg)
     path = Path(str(OmegaConf.select(cfg, key)))
@@ -121,25 +127,10 @@ def make_dir(path: Path, key: str) -> None:
         raise UserError(_cannot("write to the run directory", path, _denied(), key))
 
 
-def _refuse_sweeps(overrides: list[str]) -> None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    for o in OverridesParser.create().parse_overrides(overrides):
-        if o.is_sweep_override():
-            raise UserError(
-                f"'{o.input_line}' gives several values, which makes a sweep: add -m to run "
-                "one job for each, or give one value."
-            )
-
-
-def _check_required(cfg: Any, overrides: list[str]) -> None:
+def _check_required(cfg: Any, swept: set[str]) -> None:
     """Values the command must give (`???` in its entry config, e.g. eval's ckpt_path): asked
     for here, before a run directory exists for a command that cannot run. A key the command
-    sweeps over is given (each job gets one of its values; `cfg` leaves sweeps out)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    sweeps over (`swept`) is given: each job gets one of its values (`cfg` leaves sweeps out)."""
     missing = [
         key for key in cfg if key != "hydra" and key not in swept and OmegaConf.is_missing(cfg, key)
     ]

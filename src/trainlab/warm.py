@@ -463,10 +463,7 @@ def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     this_job, _STARTUP_ENV, _STARTUP_CWD = None, dict(env), os.getcwd()
-    for signum in (signal.SIGTERM, signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    _fresh_state(held=False)
     stop_with_parent()
     run_job(serve(sock))
 

@@ -138,3 +138,12 @@ def test_eval_missing_checkpoint(tmp_path):
     assert result.returncode == 2
     assert "nope.ckpt does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_several_values_without_m_is_refused_before_anything_starts(tmp_path):
+    result = run_cli("trainlab.train", "optimizer.lr=1e-3,1e-2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'optimizer.lr=1e-3,1e-2' gives several values, which makes a sweep: add -m" in (
+        result.stderr
+    )
+    assert not (tmp_path / "logs").exists()

@@ -146,6 +146,7 @@ def test_gpus_are_shared_out_among_parallel_jobs(monkeypatch):
     assert gpu_slots(2, None) == [None, None]
 
 
+@pytest.mark.slow  # two studies; the fast suite stops and continues a grid sweep
 def test_optuna_sweep_interrupted_then_resumed(tmp_path):
     import optuna
     from optuna.trial import TrialState

@@ -13,7 +13,7 @@ import yaml
 from conftest import run_cli, start_cli
 
 from hydra_plugins.trainlab_sweeps.process_launcher import gpu_slots
-from trainlab.compare import compare
+from trainlab.engine.compare import compare
 
 FAST = ("debug=limit", "logger=csv")
 

@@ -61,7 +61,7 @@ def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:
     checkpoint: what `resume=auto` continues. (`resume=` and `hydra.` overrides are ignored.)"""
     import yaml
 
-    from trainlab.run_dirs import newest_first
+    from trainlab.engine.run_dirs import newest_first
 
     def key(items: list[str]) -> list[str]:
         return sorted(o for o in items if not o.startswith(("resume=", "hydra.")))

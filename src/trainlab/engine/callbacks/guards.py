@@ -10,8 +10,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from trainlab.callbacks import RunInfo
-from trainlab.errors import Interrupted, UserError
+from trainlab.engine.callbacks import RunInfo
+from trainlab.engine.errors import Interrupted, UserError
 
 
 class StopOnSignal(pl.Callback):
@@ -21,7 +21,7 @@ class StopOnSignal(pl.Callback):
 
     SIGTERM is Lightning's to catch (it also tells the other ranks); SIGINT is caught here so
     that it too waits for the end of a step. A second Ctrl-C stops at once. The message's
-    command is run_info.resume_command (see trainlab.callbacks.RunInfo).
+    command is run_info.resume_command (see trainlab.engine.callbacks.RunInfo).
     """
 
     def __init__(self):

@@ -7,9 +7,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainlab.data.memory import Augment, Block, MemoryLoader
-from trainlab.data.resumable import ResumableDataLoader
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
+from trainlab.engine.memory import Augment, Block, MemoryLoader
+from trainlab.engine.resumable import ResumableDataLoader
 
 # The validation split is carved from the training split with this fixed seed, so that every
 # run (whatever its own seed) is validated and tested on the same samples.
@@ -330,7 +330,7 @@ def check_net_fits(model: pl.LightningModule, datamodule, choices: dict[str, str
     statistics change), costs milliseconds, where the first training step would end in a raw
     traceback about weight shapes. Only classifiers are checked: their net takes the data's
     samples (a GAN's generator takes noise, a language model's net tokens)."""
-    from trainlab.classifier import Classifier
+    from trainlab.models.classifier import Classifier
 
     shape = getattr(datamodule, "input_shape", None)
     if not isinstance(model, Classifier) or shape is None:

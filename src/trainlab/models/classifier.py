@@ -31,6 +31,8 @@ class Classifier(TrainlabModule):
     parameters, the scheduler the optimizer and the run's total number of steps.
     """
 
+    net_takes_samples = True  # the run checks that `net` takes data.input_shape before training
+
     def __init__(
         self,
         net: nn.Module,

@@ -101,7 +101,11 @@ def broken_rules(edges: dict[str, set[str]]) -> list[str]:
                 broken.append(f"{module} imports the door {target}")
             elif kind(module) == "engine" and kind(target) == "forker":
                 broken.append(f"the engine's {module} imports the forker's {target}")
-            elif kind(module) == "forker" and kind(target) == "engine" and target != "trainlab.engine":
+            elif (
+                kind(module) == "forker"
+                and kind(target) == "engine"
+                and target != "trainlab.engine"
+            ):
                 broken.append(f"{module} imports {target}, not the engine's public surface")
     return sorted(broken)
 

@@ -406,15 +406,27 @@ def _check_group_option(o: Any) -> None:
         )
 
 
+_composed: dict[tuple, Any] = {}
+
+
 def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Any:
+    """The config `python -m trainlab.<config_name> <overrides>` composes (with Hydra's own part
+    where `hydra`), as a fresh copy; a UserError where it does not compose. Composed once per
+    process for the same arguments: the command-line check, resume=auto and the run directory
+    all ask for it before Hydra starts."""
+    import copy
+
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
-            return compose(config_name, overrides=overrides, return_hydra_config=hydra)
-    except (HydraException, AssertionError) as e:  # OmegaConf asserts on some bad updates
-        raise UserError(f"the configs do not compose: {e}") from None
+    key = (config_name, tuple(overrides), hydra)
+    if key not in _composed:
+        try:
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=config_name):
+                _composed[key] = compose(config_name, overrides, return_hydra_config=hydra)
+        except (HydraException, AssertionError) as e:  # OmegaConf asserts on some bad updates
+            raise UserError(f"the configs do not compose: {e}") from None
+    return copy.deepcopy(_composed[key])
 
 
 def compose_with_parameters(config_name: str, overrides: list[str]) -> Any:

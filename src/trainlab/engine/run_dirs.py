@@ -23,8 +23,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from trainlab.engine import config
 from trainlab.engine.commands import override
-from trainlab.engine.config import CONF_DIR
 from trainlab.engine.errors import UserError
 from trainlab.engine.jobs import shared_run_name
 
@@ -145,19 +145,13 @@ def _cannot(what: str, path: Path, error: OSError, key: str) -> str:
 
 def compose(entry: str, overrides: list[str], config_name: str | None = None) -> Any:
     """The entry's config with Hydra's own part, as `python -m trainlab.<entry>` would see it
-    (sweeps left out: a sweep's directory is the same for all its jobs)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    (sweeps left out, as Hydra leaves them out of a sweep's own config: a sweep's directory is
+    the same for all its jobs)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     single = [o.input_line for o in parsed if not o.is_sweep_override()]
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=entry):
-            return hydra_compose(config_name or entry, single, return_hydra_config=True)
-    except HydraException as e:
-        raise UserError(f"the configs do not compose: {e}") from None
+    return config.compose(config_name or entry, single, hydra=True)
 
 
 def _unresolved(cfg: Any, key: str) -> str:

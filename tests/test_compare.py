@@ -100,3 +100,14 @@ def test_a_folder_without_runs_says_what_it_looked_for(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: no runs found under empty: a run's directory holds")
     assert "Traceback" not in result.stderr
+
+
+def test_the_report_shows_what_run_directories_say_as_text(tmp_path):
+    """A run directory is read, not trusted: a status written as HTML stays text in the report."""
+    run = tmp_path / "logs" / "train" / "runs" / "a"
+    run.mkdir(parents=True)
+    status = "<script>alert(1)</script>"
+    (run / "metrics.json").write_text(json.dumps({"status": status, "overrides": ["seed=1"]}))
+    compare([tmp_path / "logs"], "val/acc", tmp_path / "out")
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report

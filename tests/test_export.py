@@ -96,7 +96,7 @@ def test_exported_digits_model_equals_the_checkpoint(digits):
         with torch.no_grad():  # the data module's normalisation, then the LightningModule
             expected = model(datamodule.on_after_batch_transfer((x, labels[:size]), 0)[0])
         for kind in ("onnx", "pt"):
-            got = load_model(getattr(digits, kind)).run(x.numpy())
+            got = load_model(getattr(digits, kind), trust_model_file=True).run(x.numpy())
             torch.testing.assert_close(torch.from_numpy(got), expected, **TOLERANCE)
 
 
@@ -109,7 +109,7 @@ def test_exported_folder_model_reads_images_as_the_validation_loader_does(folder
     with torch.no_grad():  # decoded, resized and normalised by the training pipeline
         expected = model(torch.stack([val[i][0] for i in range(len(val))]))
     for kind in ("onnx", "pt"):
-        exported = load_model(getattr(folder, kind))
+        exported = load_model(getattr(folder, kind), trust_model_file=True)  # our own exports
         got = exported.run(read_images(files, exported.meta))
         torch.testing.assert_close(torch.from_numpy(got), expected, **TOLERANCE)
 
@@ -149,10 +149,19 @@ def write_digit_pngs(folder: Path, count: int = 12) -> tuple[list[Path], torch.T
     return files, images[:, None], [int(t) for t in data.target[:count]]
 
 
-def predict_with(compose, model: Path, inputs, output: Path) -> list[dict]:
+def predict_with(compose, model: Path, inputs, output: Path, trust: bool = True) -> list[dict]:
+    """predict's rows; a TorchScript file is trusted unless `trust` is false (the tests export
+    their own)."""
     listed = f"[{','.join(str(p) for p in inputs)}]" if isinstance(inputs, list) else inputs
+    trusted = ["trust_model_file=true"] if trust else []
     rows, written = predict(
-        compose(f"model_path={model}", f"inputs={listed}", f"output={output}", config="predict"),
+        compose(
+            f"model_path={model}",
+            f"inputs={listed}",
+            f"output={output}",
+            *trusted,
+            config="predict",
+        ),
         output.parent,
     )
     assert written == output
@@ -288,6 +297,8 @@ def test_bad_predict_inputs_get_one_paragraph_each(digits, compose, tmp_path):
     for model, inputs, message in cases:
         with pytest.raises(UserError, match=message):
             predict_with(compose, model, [inputs], tmp_path / "out.csv")
+    with pytest.raises(UserError, match="is a TorchScript file, which is a program"):
+        predict_with(compose, digits.pt, [good_png], tmp_path / "out.csv", trust=False)
     with pytest.raises(UserError, match="batch_size must be a positive integer"):
         predict(
             compose(f"model_path={digits.onnx}", "inputs=[]", "batch_size=0", config="predict"),
@@ -304,6 +315,102 @@ def test_bad_export_requests(digits, compose, tmp_path):
         export(compose(f"ckpt_path={tmp_path / 'nope.ckpt'}", config="export"))
     with pytest.raises(UserError, match="Did you mean 'model_path'"):
         check_command_line("predict", ["model_pth=x.onnx", "inputs=[a.png]"])
+
+
+class Hostile(torch.nn.Module):
+    """What an attacker makes of trainlab's own TorchScript export: the same predictions, and
+    each run writes bytes of its choice into a file of its choice (torch.from_file maps the
+    file shared, so what is copied into the tensor lands in the file)."""
+
+    def __init__(self, inner: torch.nn.Module, target: str):
+        super().__init__()
+        self.inner = inner
+        self.target = target
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mapped = torch.from_file(self.target, True, 6, dtype=torch.uint8)
+        mapped.copy_(torch.tensor([112, 119, 110, 101, 100, 10], dtype=torch.uint8))  # pwned\n
+        return self.inner(images) + 0 * mapped[0].float()  # used, so that it is kept
+
+
+def write_hostile_torchscript(exported: Path, out: Path, target: Path) -> Path:
+    extra = {"trainlab.json": ""}  # its preprocessing, kept so that predict would run it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        inner = torch.jit.load(str(exported), _extra_files=extra)
+        hostile = torch.jit.script(Hostile(inner, str(target)))
+        torch.jit.save(hostile, str(out), _extra_files=extra)
+    return out
+
+
+def test_a_torchscript_file_runs_only_when_the_user_trusts_it(digits, tmp_path):
+    target = tmp_path / "bashrc"
+    target.write_bytes(b"the user's own file\n")
+    hostile = write_hostile_torchscript(digits.pt, tmp_path / "evil.pt", target)
+    image = write_digit_pngs(tmp_path / "pngs", count=1)[0][0]
+    args = (f"model_path={hostile}", f"inputs=[{image}]")
+
+    result = run_cli("trainlab.predict", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: model_path={hostile} is a TorchScript file, which is a program")
+    for advice in ("trust_model_file=true", "best.ckpt", "python -m trainlab.export ckpt_path="):
+        assert advice in line, line
+    assert target.read_bytes() == b"the user's own file\n"
+    assert not (tmp_path / "logs").exists()  # refused before anything was written
+    # Under another name it reaches a loader that cannot run it: torch.load's weights_only
+    # or onnxruntime, which refuse it unread.
+    for name, refusal in (("evil.ckpt", "it is a TorchScript file"), ("evil.onnx", "cannot be")):
+        renamed = tmp_path / name
+        renamed.write_bytes(hostile.read_bytes())
+        with pytest.raises(UserError, match=refusal):
+            load_model(renamed)
+    assert target.read_bytes() == b"the user's own file\n"
+
+    # Said in so many words, running the program is the user's choice: it runs, and writes.
+    result = run_cli("trainlab.predict", *args, "trust_model_file=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert target.read_bytes().startswith(b"pwned\n")
+
+
+def write_png_bomb(path: Path, side: int = 20000) -> Path:
+    """A valid 1-bit PNG of side x side pixels, all black: 49 kB on disk, 400 million pixels
+    decoded (more than PIL decodes, Image.DecompressionBombError)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte, then the row's bits
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1 bit, grey
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+    path.write_bytes(png + chunk(b"IEND", b""))
+    return path
+
+
+def test_predict_refuses_a_cut_jpeg_and_a_decompression_bomb(digits, tmp_path):
+    import io
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, "JPEG")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    bomb = write_png_bomb(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    for image, advice in ((cut, "it is damaged, cut short"), (bomb, "too large to decode safely")):
+        result = run_cli(
+            "trainlab.predict", f"model_path={digits.onnx}", f"inputs=[{image}]", cwd=tmp_path
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and str(image) in line and advice in line, line
+        assert "leave it out of inputs" in line
+        assert not (tmp_path / "logs").exists()  # no run directory is left
 
 
 def test_predict_command_line(folder, tmp_path):
@@ -337,7 +444,9 @@ def test_export_command_line(digits, tmp_path):
     written = digits.ckpt.parent / "model.pt"  # beside the checkpoint
     assert f"torchscript model written to {written}" in result.stdout
     x = np.zeros((3, 1, 8, 8), dtype=np.uint8)
-    np.testing.assert_allclose(load_model(written).run(x), load_model(digits.pt).run(x), atol=1e-6)
+    assert "predict runs it only with trust_model_file=true" in result.stdout
+    ours = load_model(written, trust_model_file=True).run(x)
+    np.testing.assert_allclose(ours, load_model(digits.pt, trust_model_file=True).run(x), atol=1e-6)
 
 
 def test_help_and_onnx_predictions_without_torch(digits, tmp_path):

@@ -214,6 +214,14 @@ def test_stored_config_with_known_targets_passes(compose):
         ({"model.net.dropout": "choice('${oc.create:\"{a: 1}\"}')"}, "oc.create"),
         ({"data.batch_size": "choice(0, 32)"}, "data.batch_size"),
         ({"optimizer.lr": "tag(log, interval(-1, 1))"}, "optimizer.lr"),
+        # keys as a job's command line reads them: +, ++ and ~ taken off, flags refused
+        ({"model.net._target_": "choice(os.system, posix.system)"}, "'os.system'"),
+        ({"+hydra.callbacks.evil._target_": "choice(os.system)"}, "of Hydra's own settings"),
+        ({"++hydra.job.env_set.LD_PRELOAD": "choice(/tmp/x.so)"}, "of Hydra's own settings"),
+        ({"~hydra.callbacks": "choice(null)"}, "of Hydra's own settings"),
+        ({"--config-dir": "choice(/tmp/evil)"}, "--config-dir is a flag"),
+        ({"--experimental-rerun": "choice(x.pickle)"}, "--experimental-rerun is a flag"),
+        ({"model@hydra.callbacks": "choice(mlp)"}, "of Hydra's own settings"),
     ],
 )
 def test_sweep_definitions_are_checked(params, word):
@@ -224,6 +232,76 @@ def test_sweep_definitions_are_checked(params, word):
     assert word in str(refused.value)
     with pytest.raises(UserError):  # the Optuna sweeper checks its search space itself
         search_space(params)
+
+
+# An hparams_search file that someone wrote for the others (conf/ is trusted for the code its
+# `_target_`s name, not for what its search space hands each job).
+HOSTILE_SEARCHES = {  # name: its search space's line
+    "grid_target": "model.net._target_: os.system,posix.system",
+    "callbacks": "+hydra.callbacks.evil._target_: os.system",
+    "env": "++hydra.job.env_set.LD_PRELOAD: /tmp/x.so",
+    "flag": "--config-dir: /tmp/evil",
+    "optuna_target": "model.net._target_: choice(os.system, posix.system)",
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE_SEARCHES)
+def test_a_crafted_hparams_search_file_is_refused_before_any_job(tmp_path, monkeypatch, name):
+    import shutil
+
+    from trainlab.engine import config
+
+    conf = tmp_path / "conf"  # conf/ as shipped, with the crafted file added
+    shutil.copytree(config.CONF_DIR, conf)
+    optuna = "defaults:\n  - override /hydra/sweeper: optuna\n" if "optuna" in name else ""
+    params = f"hydra:\n  sweeper:\n    params:\n      {HOSTILE_SEARCHES[name]}\n"
+    text = f"# @package _global_\n{optuna}{params}"
+    (conf / "hparams_search" / f"{name}.yaml").write_text(text)
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    with pytest.raises(UserError) as refused:
+        check_command_line("train", ["-m", f"hparams_search={name}", *TRAIN])
+    message = str(refused.value)
+    assert "hydra.sweeper.params" in message
+    assert any(word in message for word in ("'os.system'", "Hydra's own settings", "a flag"))
+
+
+# Sweeps over `_target_` on the command line: each value is compared with the allow-list.
+HOSTILE_COMMAND_LINES = [
+    ["-m", "model.net._target_=os.system,posix.system"],
+    ["-m", "model.net._target_=trainlab.nets.mlp.MLP,posix.system"],  # every value, not the first
+    ["-m", "+model.net._target_=os.system,posix.system"],
+    ["-m", "hparams_search=optuna_lr_batch", "model.net._target_=choice(os.system,posix.system)"],
+    [
+        "-m",
+        "hparams_search=seeds",
+        "hydra.sweeper.params.model.net._target_=os.system,posix.system",
+    ],
+]
+
+
+@pytest.mark.parametrize("argv", HOSTILE_COMMAND_LINES, ids=lambda a: a[-1][:50])
+def test_a_sweep_over_targets_is_refused(argv):
+    with pytest.raises(
+        UserError, match=r"asks to build '(os|posix)\.system' \(at model.net._target_"
+    ):
+        check_command_line("train", argv)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_sweep_over_targets_starts_no_job(tmp_path, dry_run):
+    args = ["-m", "model.net._target_=os.system,posix.system", *TRAIN]
+    result = run_cli(
+        "trainlab.train",
+        *args,
+        *(["--dry-run"] if dry_run else []),
+        f"paths.log_dir={tmp_path / 'logs'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert_refused(result, "os.system", tmp_path)
+    assert len(result.stderr.strip().splitlines()) == 1  # one paragraph, nothing before it
+    assert "job" not in result.stdout.lower()  # no job was listed or started
+    assert not (tmp_path / "logs").exists()  # nor a sweep directory made
 
 
 def test_ready_sweeps_pass():
@@ -256,6 +334,60 @@ def test_wandb_sweep_definitions_are_checked(tmp_path):
     (tmp_path / "sweep.yaml").write_text("method: grid\nprogram: evil.py\n")
     result = run_cli("trainlab.wandb_sweep", "--check", "sweep.yaml", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("error: sweep.yaml does not run")
+
+
+# The hostile W&B sweep files: each approved before, as "every value it may give passes".
+HOSTILE_WANDB = {
+    "+hydra.callbacks.evil._target_": ({"values": ["os.system"]}, "of Hydra's own settings"),
+    "--experimental-rerun": ({"value": "config.pickle"}, "--experimental-rerun is a flag"),
+    "--config-dir": ({"value": "/tmp/evil"}, "--config-dir is a flag"),
+    "++hydra.job.env_set.LD_PRELOAD": ({"value": "/tmp/x.so"}, "of Hydra's own settings"),
+    "model.net._target_": ({"values": ["os.system"]}, "asks to build 'os.system'"),
+}
+
+
+@pytest.fixture(scope="module")
+def wandb_sweep():
+    from trainlab.engine.wandb_sweep import definition
+
+    return definition(["hparams_search=optuna_lr_batch", "trainer.max_epochs=3"])
+
+
+@pytest.mark.parametrize("key", HOSTILE_WANDB)
+def test_wandb_check_refuses_hostile_keys(tmp_path, wandb_sweep, key):
+    import yaml
+
+    spec, words = HOSTILE_WANDB[key]
+    sweep = {**wandb_sweep, "parameters": {**wandb_sweep["parameters"], key: spec}}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    result = run_cli("trainlab.wandb_sweep", "--check", "sweep.yaml", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()  # one paragraph
+    assert line.startswith(f"error: the parameter {key} in sweep.yaml"), line
+    assert words in line and "passes" not in result.stdout
+
+
+def test_wandb_check_refuses_keys_hydra_would_read_otherwise(wandb_sweep):
+    from trainlab.engine.wandb_sweep import check_definition
+
+    for key, word in (
+        ("model.net._target_ ", "not a config key"),  # the agent would write `key =value`
+        ("a=b", "not a config key"),
+        ("-m", "is a flag"),
+        ("hydra", "of Hydra's own settings"),
+        ("model", "names no config"),
+    ):
+        sweep = {**wandb_sweep, "parameters": {key: {"values": ["../../tmp/evil", "x"]}}}
+        with pytest.raises(UserError, match=word):
+            check_definition(sweep, "sweep.yaml")
+    space = {"hydra.sweeper.params.model.net.foo": {"value": "choice(" + OPEN + ")"}}
+    with pytest.raises(UserError, match="builtins.open"):  # a search space, checked as one
+        check_definition({**wandb_sweep, "parameters": space}, "sweep.yaml")
+    nested = {"model": {"parameters": {"net": {"value": {"_target_": "os.system"}}}}}
+    with pytest.raises(UserError, match="nests parameters"):
+        check_definition({**wandb_sweep, "parameters": nested}, "sweep.yaml")
+    fine = {"model": {"values": ["mlp", "cnn"]}, "+trainer.gradient_clip_val": {"value": 1.0}}
+    check_definition({**wandb_sweep, "parameters": fine}, "sweep.yaml")
 
 
 def test_wandb_server_values_reach_the_same_check(tmp_path):

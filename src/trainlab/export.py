@@ -5,6 +5,10 @@ graph, and returns logits (or one binary logit) for any batch size. Its file rec
 preprocessing as JSON (ONNX metadata_props, TorchScript extra file `trainlab.json`): input
 shape, channel mode, resize size, mean, std, class names and the kind of output. The file is
 checked against the checkpoint before `export` reports success.
+
+ONNX is the default: onnxruntime runs its graph without torch and without running code from the
+file, so anyone can run it safely. A TorchScript file is a program (it may hold any code, see
+docs/trust.md): `predict` reads one only with trust_model_file=true.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def _check(model, path: Path, fmt: str, meta: dict[str, Any]) -> None:
     images = torch.randint(0, 256, (5, *meta["input_shape"]), dtype=torch.uint8)
     with torch.no_grad():
         expected = model(images).numpy()
-    got = load_exported(path, fmt).run(images.numpy())
+    got = load_exported(path, fmt, trust=True).run(images.numpy())  # the file just written
     if got.shape != expected.shape:
         raise RuntimeError(
             f"the exported {fmt} model gives {got.shape} outputs, not {expected.shape}"
@@ -110,6 +114,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     with exit_on_user_error():
         path = export(cfg)
     print(f"{cfg.format} model written to {path}")
+    if cfg.format == "torchscript":
+        print(
+            "A TorchScript file is a program: predict runs it only with trust_model_file=true "
+            "(the default format, onnx, runs no code from the file)."
+        )
 
 
 def main() -> None:

@@ -6,6 +6,10 @@ converted to the model's channel mode (L or RGB) and resized as the training ima
 predictions (file, class, probability) are printed as a table and written to
 <run dir>/predictions.csv, or to output=<file> (a .json name writes JSON).
 
+A TorchScript file (.pt) is a program that can do anything when run, so it is read only with
+trust_model_file=true (docs/trust.md); a checkpoint loads with weights_only and an ONNX model
+runs on onnxruntime, neither of which runs code from the file.
+
 An ONNX model runs on onnxruntime alone: torch is imported only for the other two kinds.
 """
 
@@ -40,7 +44,8 @@ class Model:
     run: Callable[[Any], Any]
 
 
-def load_model(path: str | Path) -> Model:
+def load_model(path: str | Path, trust_model_file: bool = False) -> Model:
+    """The model at `path`; a TorchScript file only if `trust_model_file` (it runs its code)."""
     path = Path(path)
     kind = KINDS.get(path.suffix.lower())
     if kind is None:
@@ -62,11 +67,22 @@ def load_model(path: str | Path) -> Model:
         return Model(meta, run)
     if not path.is_file():
         raise UserError(f"model {path} does not exist. Write one with python -m trainlab.export.")
-    return load_exported(path, kind)
+    return load_exported(path, kind, trust=trust_model_file)
 
 
-def load_exported(path: Path, kind: str) -> Model:
-    """An ONNX or TorchScript file written by `trainlab.export`, whatever its name."""
+def load_exported(path: Path, kind: str, trust: bool = False) -> Model:
+    """An ONNX or TorchScript file written by `trainlab.export`, whatever its name. A
+    TorchScript file is refused unless `trust`: loading and running it runs its code."""
+    if kind == "torchscript" and not trust:
+        raise UserError(
+            f"model_path={path} is a TorchScript file, which is a program: running it runs "
+            "whatever code it holds, with your permissions (it can write any file), and "
+            "predict does not read one unless you say that you trust it. If you wrote it "
+            "(python -m trainlab.export format=torchscript) or trust whoever did, add "
+            "trust_model_file=true. Otherwise use a model that cannot run code: the checkpoint "
+            "it was exported from (model_path=<run dir>/checkpoints/best.ckpt) or its ONNX "
+            "export (python -m trainlab.export ckpt_path=<that checkpoint> writes model.onnx)."
+        )
     try:
         meta_text, run = _open_onnx(path) if kind == "onnx" else _open_torchscript(path)
     except Exception as e:  # truncated, random bytes, or another format altogether
@@ -149,9 +165,16 @@ def read_images(files: Sequence[Path], meta: dict[str, Any]):
             with Image.open(path) as image:
                 image = image.convert(meta["channels"])
                 pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except Image.DecompressionBombError as e:  # decoding it could take all memory
             raise UserError(
-                f"cannot read the image {path} ({e}). Replace it, or leave it out of inputs."
+                f"the image {path} is too large to decode safely: {str(e).rstrip('.')}. Shrink "
+                f"it (predict resizes every image to {width}x{height} anyway), or leave it out "
+                "of inputs."
+            ) from None
+        except (OSError, UnidentifiedImageError, ValueError) as e:  # cut short, not an image
+            raise UserError(
+                f"cannot read the image {path}: it is damaged, cut short or not an image ({e}). "
+                "Replace it, or leave it out of inputs."
             ) from None
         arrays.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
     return np.ascontiguousarray(np.stack(arrays), dtype=np.uint8)
@@ -175,8 +198,11 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> tuple[list[dict[str, Any]],
     """Classify cfg.inputs with cfg.model_path; write and return the rows and their file."""
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise UserError(f"batch_size must be a positive integer, but it is {cfg.batch_size!r}.")
+    trust = cfg.get("trust_model_file", False)
+    if not isinstance(trust, bool):
+        raise UserError(f"trust_model_file must be true or false, but it is {trust!r}.")
     files = image_files(cfg.inputs)
-    model = load_model(cfg.model_path)
+    model = load_model(cfg.model_path, trust_model_file=trust)
     rows = []
     for start in range(0, len(files), cfg.batch_size):
         batch = files[start : start + cfg.batch_size]

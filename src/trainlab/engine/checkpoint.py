@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,9 @@ def read(path: str | Path) -> dict[str, Any]:
             "last.ckpt and best.ckpt in <run dir>/checkpoints/."
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a TorchScript file: refused below, not loaded
+            warnings.filterwarnings("ignore", "'torch.load' received a zip file that looks like")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, or pickled objects we refuse to run
         raise UnreadableCheckpoint(path, why_unreadable(e)) from None
     if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
@@ -113,6 +116,11 @@ def why_unreadable(error: Exception) -> str:
         return (
             f"it holds a pickled Python object ({refused.group(1)}), which could run code when "
             "loaded and is refused (trainlab's checkpoints hold only tensors and plain values)"
+        )
+    if "TorchScript archive" in text:
+        return (
+            "it is a TorchScript file (a program, which could run any code when loaded), not a "
+            "checkpoint; predict reads one named *.pt only with trust_model_file=true"
         )
     if "Weights only load failed" in text or isinstance(error, pickle.UnpicklingError):
         return "it is damaged, or not a checkpoint (its bytes are not a torch file)"

@@ -61,6 +61,10 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
             process_launcher.run_and_report(hydra_main, prepared.sweep_dir, since=started)
         else:
             hydra_main()
+    except SystemExit as e:
+        if e.code == 2:  # refused (errors.exit_with) inside Hydra: nothing of its own was made
+            _remove_hydra_files(prepared.created)
+        raise
     finally:
         if prepared.scratch:
             shutil.rmtree(prepared.scratch, ignore_errors=True)
@@ -69,6 +73,21 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
         with contextlib.suppress(OSError):
             for path in prepared.created:
                 path.rmdir()
+
+
+def _remove_hydra_files(created: list[Path]) -> None:
+    """In the directories this command made, what Hydra writes into a run's before its task
+    starts (.hydra/ and the job's log), where that is all they hold: a command refused as bad
+    input (e.g. predict on a damaged image) leaves no run directory. Anything else is kept."""
+    for path in created:
+        with contextlib.suppress(OSError):
+            hydra = path / ".hydra"
+            logs = [p for p in path.iterdir() if p.suffix == ".log" and p.is_file()]
+            if {*path.iterdir()} - {hydra, *logs} or hydra.is_symlink():
+                continue
+            shutil.rmtree(hydra, ignore_errors=True)
+            for log in logs:
+                log.unlink()
 
 
 def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:

@@ -416,7 +416,7 @@ def write_html(
 
     def item(run: Run) -> str:
         return (
-            f"<li><b>{run.status}</b>: {html.escape(' '.join(run.overrides))} "
+            f"<li><b>{html.escape(str(run.status))}</b>: {html.escape(' '.join(run.overrides))} "
             f"<code>{html.escape(str(run.dir))}</code> {html.escape(run.error or _progress(run))}"
             + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
             + "</li>"

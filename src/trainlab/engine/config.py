@@ -10,7 +10,7 @@ HYDRA_KEYS) keep any config, wherever it comes from, from building code that con
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -394,8 +394,12 @@ def _unquoted(value: Any) -> Any:
 
 
 def _check_group_option(o: Any) -> None:
-    group, options = o.key_or_group, group_options(o.key_or_group)
-    for value in _values(o):
+    _check_group_values(o.key_or_group, _values(o))
+
+
+def _check_group_values(group: str, values: Iterable[Any]) -> None:
+    options = group_options(group)
+    for value in values:
         if value is None or value in options:
             continue
         close = difflib.get_close_matches(str(value), options, n=1)
@@ -662,8 +666,61 @@ def check_hydra_override(o: Any) -> None:
         value = o.value() if isinstance(o.value(), str) else o.input_line.split("=", 1)[1]
         check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, o.input_line)
         return
-    for value in _values(o):
-        check_sweep_value(key, value, f"'{o.input_line}'")
+    check_sweep_setting(_written_key(o), _values(o), f"'{o.input_line}'")
+
+
+def _written_key(o: Any) -> str:
+    """An override's key as written, with its +, ++ or ~."""
+    return o.input_line.partition("=")[0]
+
+
+def _is_hydra(key: str) -> bool:
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
+
+
+def check_sweep_setting(written: str, values: Iterable[Any], source: str) -> str:
+    """One key that a sweep sets in each of its jobs, with every value it may give it: a `-m`
+    sweep on the command line, a search space (hydra.sweeper.params, an hparams_search file,
+    the Optuna sweeper's) or a W&B sweep's parameter. Each job's command line gets
+    `written=value`, so both are checked as that command line would be: a flag (anything that
+    starts with -, such as --config-dir or --experimental-rerun) is refused; the key, its +, ++
+    or ~ taken off, must read as written in Hydra's grammar, be one of HYDRA_KEYS under hydra.*
+    and name an option in conf/ for a group; and each value passes check_sweep_value, which
+    compares a `_target_` given as the key or inside a value with the allow-list. Returns the
+    key that the jobs set."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    key = written.removeprefix("++").removeprefix("+").removeprefix("~")
+    if written.startswith("-") or key.startswith(("-", "+", "~")):
+        raise UserError(
+            f"{source} is refused: {written} is a flag, not a config key. Each job's command "
+            f"line would get {written}=<value>, which Hydra reads as an option of its own (as "
+            "--config-dir or --experimental-rerun, which load configs or pickles from "
+            "elsewhere). A sweep sets config keys only, e.g. optimizer.lr."
+        )
+    try:
+        o = OverridesParser.create().parse_override(f"{written}=0")
+    except HydraException:
+        o = None
+    package = "" if o is None or o.package is None else f"@{o.package}"
+    if o is None or f"{o.key_or_group}{package}" != key:
+        raise UserError(
+            f"{source} is refused: {written!r} is not a config key as Hydra reads one: dotted "
+            "names (optimizer.lr), a group (model) or hydra/<group>, after +, ++ or ~ at most."
+        )
+    key = o.key_or_group
+    into_hydra = package.lstrip("@").removeprefix("_global_").lstrip(".").split(".")[0] == "hydra"
+    if _is_hydra(key) or into_hydra:
+        _check_hydra_key(f"{key}{package}" if into_hydra else key, source, o.is_delete())
+    values = list(values)
+    for value in values:
+        check_sweep_value(key, value, source)
+        if key.startswith("hydra.sweeper.params.") and isinstance(value, str):  # a search space
+            check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, source)
+    if (CONF_DIR / key).is_dir():
+        _check_group_values(key, values)
+    return key
 
 
 def _check_hydra_key(key: str, source: str, deleted: bool = False) -> None:
@@ -684,7 +741,7 @@ def _check_hydra_key(key: str, source: str, deleted: bool = False) -> None:
 def check_sweep_value(key: str, value: Any, source: str) -> None:
     """One value that a command line or a sweep gives `key`: no code that no config file
     names, no text that turns into nodes, a plain value for hydra.*, and RULES."""
-    if key.startswith(("hydra.", "hydra/")):
+    if _is_hydra(key):
         _check_hydra_key(key, source)
         if key.startswith("hydra/") and not (value is None or _plain_name(value)):
             raise UserError(f"{source} is refused: {key} takes the name of an option.")
@@ -693,7 +750,8 @@ def check_sweep_value(key: str, value: Any, source: str) -> None:
                 f"{source} is refused: {key} takes a plain value (a number, a word or a "
                 f"path), not {value!r}."
             )
-    _refuse_unknown_targets(value, source, key)
+    parent, _, name = key.rpartition(".")
+    _refuse_unknown_targets({name: value}, source, parent)  # `model.net._target_=...` too
     for text in _strings(value):
         if _makes_nodes(text):
             raise UserError(
@@ -730,12 +788,12 @@ def check_sweep_params(params: Any, source: str) -> None:
         try:
             o = parser.parse_override(text)
         except HydraException as e:
+            check_sweep_setting(str(key), [], f"'{text}' in {source}")  # a flag, say
             raise UserError(
                 f"the search space of {source} cannot be read at '{text}': "
                 f"{str(e).splitlines()[0]}."
             ) from None
-        for v in _values(o):
-            check_sweep_value(o.key_or_group, v, f"'{text}' in {source}")
+        check_sweep_setting(str(key), _values(o), f"'{text}' in {source}")
 
 
 def known_targets() -> set[str]:
@@ -820,7 +878,8 @@ def _unknown_target(tree: Any, allowed: set[str], path: str = "") -> tuple[str, 
     if isinstance(tree, dict):
         for key, value in tree.items():
             here = f"{path}.{key}" if path else str(key)
-            if key == "_target_" and value not in allowed and path not in PLUGIN_NODES:
+            known = isinstance(value, str) and value in allowed
+            if key == "_target_" and not known and path not in PLUGIN_NODES:
                 return here, value
             found = _unknown_target(value, allowed, here)
             if found:
@@ -915,6 +974,5 @@ def _check_whole_config(base: Any, overrides: list[Any]) -> None:
     check_targets(full, "the command line")
     check_sweep_params(full.hydra.sweeper.get("params"), "hydra.sweeper.params")
     for o in overrides:
-        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
-            for value in _values(o):
-                check_sweep_value(o.key_or_group, value, f"'{o.input_line}'")
+        if o.is_sweep_override() and not _is_hydra(o.key_or_group):
+            check_sweep_setting(_written_key(o), _values(o), f"'{o.input_line}'")

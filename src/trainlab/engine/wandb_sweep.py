@@ -10,7 +10,9 @@ ${args_no_hyphens} writes the sampled values as Hydra overrides.
     python -m trainlab.wandb_sweep --check sweep.yaml
 
 checks a sweep definition that someone else wrote or edited: it must run trainlab.train, and
-each value it may give passes the checks of a command line (see README, "The trust model").
+each key and value it may give passes the checks of a command line (config.check_sweep_setting:
+no flags, no hydra.* beyond its plain settings, no `_target_` that conf/ does not name; see
+docs/trust.md).
 Each trial's command line is checked again when it starts, whatever the W&B server sends.
 """
 
@@ -83,9 +85,9 @@ def definition(overrides: list[str]) -> dict[str, Any]:
 
 def check_definition(sweep: Any, source: str) -> None:
     """Refuse a W&B sweep definition that runs anything but trainlab.train, or that may give a
-    value a command line could not (code that no config file names, hydra.* beyond plain
-    settings, a value that breaks RULES)."""
-    from trainlab.engine.config import check_command_line, check_sweep_value
+    key or value that a command line could not (a flag, code that no config file names,
+    hydra.* beyond plain settings, a value that breaks RULES)."""
+    from trainlab.engine.config import check_command_line, check_sweep_setting
 
     command = sweep.get("command") if isinstance(sweep, dict) else None
     if (
@@ -101,11 +103,19 @@ def check_definition(sweep: Any, source: str) -> None:
             "definition with python -m trainlab.wandb_sweep."
         )
     check_command_line("train", command[len(COMMAND_HEAD) : -1])
-    for key, spec in (sweep.get("parameters") or {}).items():
+    parameters = sweep.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise UserError(f"{source}: its parameters must be a mapping of keys, not {parameters!r}.")
+    for key, spec in parameters.items():
         spec = spec if isinstance(spec, dict) else {"value": spec}
+        if "parameters" in spec:  # W&B would hand the job a whole dict for the key
+            raise UserError(
+                f"{source}: the parameter {key} nests parameters of its own; write each one "
+                "as a dotted key (optimizer.lr), as python -m trainlab.wandb_sweep does."
+            )
         values = spec.get("values") or [spec[k] for k in ("value", "min", "max") if k in spec]
-        for value in values:
-            check_sweep_value(str(key), value, f"{key}={value!r} in {source}")
+        # the agent runs `key=value` for each (${args_no_hyphens}): checked as that command line
+        check_sweep_setting(str(key), values, f"the parameter {key} in {source}")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import pytest
 from conftest import run_cli
 
 from trainlab.engine.compare import compare
+from trainlab.train import train
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +112,45 @@ def test_the_report_shows_what_run_directories_say_as_text(tmp_path):
     compare([tmp_path / "logs"], "val/acc", tmp_path / "out")
     report = (tmp_path / "out" / "report.html").read_text()
     assert "<script>" not in report and "&lt;script&gt;alert(1)&lt;/script&gt;" in report
+
+
+def test_a_figure_is_the_mean_of_the_runs_that_have_it_and_says_how_many(sweep, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    copy(sweep / "0", runs / "a")
+    repeat = copy(sweep / "0", runs / "b")  # the same setting with another seed ...
+    record = json.loads((repeat / "metrics.json").read_text())
+    record["overrides"].append("seed=7")
+    loss = record.pop("val/loss")  # ... whose record lacks a value
+    (repeat / "metrics.json").write_text(json.dumps(record))
+
+    found = compare([runs], None, tmp_path / "out")
+    (row,) = found["rows"]
+    assert len(row["runs"]) == 2
+    assert row["val/loss"] == (loss, 0.0, 1)  # one run's value, not averaged with a missing one
+    assert row["val/acc_best"] == (record["val/acc_best"], 0.0, 2)
+    out = capsys.readouterr().out
+    assert f"{loss:.4f} (1 of 2 runs)" in out and "+- 0.0000 (1 of 2" not in out
+    assert f"{record['val/acc_best']:.4f} +- 0.0000" in out  # both runs have it
+
+
+def test_runs_without_validation_are_ranked_by_their_test_metric(sweep, compose, tmp_path, capsys):
+    no_val = tmp_path / "no_val"
+    train(compose("data.val_size=0", "trainer.max_epochs=1", "logger=csv"), no_val)
+    capsys.readouterr()
+
+    alone = compare([no_val], None, tmp_path / "out")
+    assert alone["metric"] == "test/acc"
+    assert [run.dir for row in alone["rows"] for run in row["runs"]] == [no_val]
+    out = capsys.readouterr().out
+    assert "No run has val/acc_best (no validation split" in out and "by test/acc" in out
+
+    both = tmp_path / "both"
+    copy(sweep, both / "sweep")
+    copy(no_val, both / "no_val")
+    found = compare([both], None, tmp_path / "out2")
+    assert found["metric"] == "val/acc_best" and len(found["rows"]) == 3  # the sweep's jobs
+    assert [run.dir.name for row in found["by_test"] for run in row["runs"]] == ["no_val"]
+    out = capsys.readouterr().out
+    assert "have no val/acc_best: 1 ranked apart by test/acc" in out
+    assert "runs by test/acc (higher is better)" in out
+    assert "monitor another metric" not in out

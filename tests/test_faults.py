@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, start_cli
+from test_resume import assert_each_row_once, history
 
 # A run long enough to be interrupted between epochs (about a second an epoch here).
 RUN = ("model=cnn", "data.batch_size=16", "logger=csv", "test=false")
@@ -82,6 +83,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
         if row.split(",")[header.index("val/acc")]
     }
     assert epochs_with_val == {"0", "1", "2", "3"}
+    assert_each_row_once(history(killed))  # none logged twice: before the kill and after
 
 
 # Writes 5000 rows to metrics.csv, then adds a column after each new row: each addition

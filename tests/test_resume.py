@@ -5,8 +5,10 @@ The best epoch is made early on purpose: `callbacks.checkpoint.mode=min` on val/
 worst epoch as "best", which is epoch 0 (accuracy only rises from there on the digits).
 """
 
+import csv
 import datetime
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -96,6 +98,119 @@ def test_killed_late_then_resumed_continues_from_its_last_step(tmp_path):
 @pytest.mark.slow
 def test_killed_late_in_a_20_epoch_run_then_resumed(tmp_path):
     kill_late_and_resume(tmp_path, epochs=20, kill_at_epoch=15)
+
+
+# --- a run's record is whole whatever it resumed from ----------------------------------------
+
+
+def recorded(record: dict) -> dict:
+    """What metrics.json says of a run's training: its val, train, test and learning rate
+    values, and the best value of its monitored metric."""
+    values = {k: v for k, v in record.items() if k.startswith(("val/", "train/", "test/", "lr-"))}
+    return {**values, "monitor": record["monitor"]}
+
+
+def history(run_dir: Path) -> list[dict]:
+    """metrics.csv's rows, each as the values it holds."""
+    with (run_dir / "metrics.csv").open(newline="") as f:
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(f)]
+
+
+def assert_each_row_once(rows: list[dict]) -> None:
+    """One row per step and kind (a step's training values, an epoch's validation, ...)."""
+    kinds = [(row["step"], tuple(sorted(row))) for row in rows]
+    assert len(kinds) == len(set(kinds)), [k for k in kinds if kinds.count(k) > 1]
+
+
+def test_resumed_after_its_last_checkpoint_the_run_keeps_its_whole_record(tmp_path):
+    run = ("logger=csv", "trainer.max_epochs=1")  # and its test
+    straight = tmp_path / "straight"
+    result = run_cli("trainlab.train", *run, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference, rows = metrics(straight), history(straight)
+    assert {"val/acc", "val/acc_best", "val/loss", "train/loss", "lr-Adam", "test/acc"} <= set(
+        reference
+    )
+    assert_each_row_once(rows)
+
+    # SIGKILL once the end of training is saved: while it tests, or writes its record (or, on
+    # a slow machine, after it: then its metrics.json is damaged, as a full disk would leave it)
+    killed = tmp_path / "killed"
+    last = killed / "checkpoints" / "last.ckpt"
+    proc = start(killed, *run)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and not (last.is_file() and load(last)["epoch"] == 0):
+        assert time.monotonic() < deadline, "the run never saved its end of training"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    if (killed / "metrics.json").is_file():
+        (killed / "metrics.json").write_text('{"status": "fin')
+    # the same run finished, its metrics.json damaged afterwards
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged)
+    (damaged / "metrics.json").write_text('{"status": "fin')
+
+    for run_dir in (killed, damaged):
+        result = run_cli(
+            "trainlab.train", *run, "resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"Resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in result.stdout
+        resumed = metrics(run_dir)
+        assert resumed["status"] == "finished" and resumed["steps"] == STEPS_PER_EPOCH
+        assert recorded(resumed) == recorded(reference)
+        assert resumed["best_ckpt"] == str(run_dir / "checkpoints" / "best.ckpt")
+        assert_each_row_once(history(run_dir))
+        # (a kill may land before the last epoch's training row reached the file)
+        assert all(row in rows for row in history(run_dir))
+    assert history(damaged) == rows
+
+
+@pytest.mark.slow
+def test_a_checkpoint_saved_at_a_signal_after_training_keeps_the_training_values(tmp_path):
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = start(run_dir, "logger=csv", "trainer.max_epochs=1")
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and not last.is_file():
+        assert time.monotonic() < deadline, "the run never saved its end of training"
+        time.sleep(0.01)
+    proc.terminate()  # after training, while it tests (or still saving, or done)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 143), stderr[-3000:]
+    saved = load(last)["trainlab"]["metrics"]  # (saved again at the signal, if it came in time)
+    assert {"val/acc", "val/acc_best", "train/loss", "lr-Adam"} <= set(saved), stderr[-3000:]
+    assert not [key for key in saved if key.startswith("test/")]
+    if proc.returncode == 143:
+        result = run_cli(
+            "trainlab.train",
+            "logger=csv",
+            "trainer.max_epochs=1",
+            "resume=auto",
+            f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    record = metrics(run_dir)
+    assert record["status"] == "finished"
+    assert {"val/acc", "val/acc_best", "train/loss", "lr-Adam", "test/acc"} <= set(record)
+    assert {key: record[key] for key in saved} == saved
+
+
+def test_a_copied_run_dir_resumes_into_its_own_best_checkpoint(compose, tmp_path):
+    first, copy = tmp_path / "first", tmp_path / "copy"
+    train(compose("logger=csv", "test=false", "trainer.max_epochs=1"), first)
+    shutil.copytree(first, copy)
+    kept = (first / "checkpoints" / "best.ckpt").read_bytes()
+
+    longer = ("logger=csv", "test=false", "trainer.max_epochs=2", "resume_allow_changes=true")
+    record = train(compose(*longer, "resume=auto"), copy)
+    assert record["monitor"]["epoch"] == 1  # val/acc rose: the new best is saved ...
+    assert ckpt_names(copy) == {"best.ckpt", "last.ckpt"}  # ... over best.ckpt
+    assert record["best_ckpt"] == str(copy / "checkpoints" / "best.ckpt")
+    assert load(copy / "checkpoints" / "best.ckpt")["epoch"] == 1
+    assert (first / "checkpoints" / "best.ckpt").read_bytes() == kept  # the original as it was
 
 
 def test_step_checkpoints_keep_one_last_checkpoint_at_the_latest_step(tmp_path):

@@ -240,7 +240,7 @@ def test_compare_a_finished_sweep(grid, tmp_path):
     for row in rows:  # the table shows what each run's metrics.json says
         (run,) = row["runs"]
         record = json.loads((run.dir / "metrics.json").read_text())
-        assert row["val/acc_best"] == (pytest.approx(record["val/acc_best"]), 0.0)
+        assert row["val/acc_best"] == (pytest.approx(record["val/acc_best"]), 0.0, 1)
         assert row["test/acc"][0] == pytest.approx(record["test/acc"])
         assert set(row["overrides"].split()) <= set(record["overrides"])
     for name in ("lr_sweep.png", "curves.png"):
@@ -270,6 +270,7 @@ def test_compare_groups_runs_that_differ_only_by_seed(tmp_path):
     (row,) = out["rows"]
     values = [json.loads((r.dir / "metrics.json").read_text())["val/acc_best"] for r in row["runs"]]
     assert len(values) == 2
-    mean, std = row["val/acc_best"]
+    mean, std, count = row["val/acc_best"]
+    assert count == 2
     assert mean == pytest.approx(sum(values) / 2)
     assert std == pytest.approx(abs(values[0] - values[1]) / 2**0.5)

@@ -108,6 +108,10 @@ def assert_all_finished(sweep: Path, resumed: set[str]) -> None:
         assert metrics["status"] == "finished" and metrics["epochs"] == epochs
         # an interrupted job continued from its checkpoint, in its own directory
         assert bool(metrics["resumed_from"]) == (num in resumed), num
+        # and sweep.json holds the values its record holds
+        values = {key: value for key, value in metrics.items() if "/" in key}
+        assert "val/acc_best" in values and "train/loss" in values, num
+        assert {key: job.get(key) for key in values} == values, num
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ What each run needs comes from its config (its data module, its model), not from
 experiments: a new experiment on a data set the template knows, or on one that ships with its
 package, is covered as it is."""
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -42,12 +43,28 @@ def write_tiny_data(data: dict, data_dir: Path, monkeypatch) -> list[str]:
     return ["data.download=false", f"data.val_size={N_VAL}"]  # the torchvision data sets
 
 
+def validates(cfg) -> bool:
+    """Whether a run of cfg validates, as its config says: not where its data set holds out no
+    validation split (val_size 0 or null, set in its config or its class's default)."""
+    param = inspect.signature(get_class(cfg.data._target_)).parameters.get("val_size")
+    default = param.default if param is not None else 1  # without val_size: a split of its own
+    return cfg.data.get("val_size", default) not in (0, None)
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_logs_its_curves_to_tensorboard(compose, tmp_path, monkeypatch, name):
+    check_experiment(compose, tmp_path, monkeypatch, f"experiment={name}")
+
+
+def check_experiment(compose, tmp_path: Path, monkeypatch, *experiment: str) -> None:
+    """A short real run of the experiment (`experiment=<name>` and any overrides) records what
+    its config says it should: its curves, its metrics (validation ones only where it
+    validates), its best value of the metric it monitors, and its place in compare."""
+    from trainlab.engine.compare import find_runs, leaderboard, monitored, without_validation
     from trainlab.models.gan import GAN
     from trainlab.models.language_model import LanguageModel
 
-    planned = compose(f"experiment={name}")
+    planned = compose(*experiment)
     data = write_tiny_data(dict(planned.data), tmp_path / "data", monkeypatch)
     model = get_class(planned.model._target_)
     short = ["trainer.max_epochs=2", "+trainer.limit_train_batches=3"]  # onecycle: > 1 warm-up
@@ -55,18 +72,56 @@ def test_experiment_logs_its_curves_to_tensorboard(compose, tmp_path, monkeypatc
     short += ["data.batch_size=4"]
     if "sample" in planned.model:  # a language model's text at the end: a few bytes of it
         short += ["model.sample.length=20"]
-    cfg = compose(f"experiment={name}", "logger=tensorboard", *short, *data)
+    cfg = compose(*experiment, "logger=tensorboard", *short, *data)
     record = train(cfg, tmp_path / "run")
     assert record["status"] == "finished"
 
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
     tags = events.Reload().Tags()
+    scalars, images = set(tags["scalars"]), set(tags["images"])
     curve = "train/g_loss" if issubclass(model, GAN) else "train/loss_epoch"
     assert len(events.Scalars(curve)) == 2  # one point an epoch
+    validated = validates(cfg)
+    if not validated:
+        assert not [tag for tag in scalars if tag.startswith("val/")]
+        assert not [key for key in record if key.startswith("val/")]
     if issubclass(model, GAN):
-        assert "samples" in tags["images"]
+        assert "samples" in images
     elif issubclass(model, LanguageModel):
-        assert "val/loss" in tags["scalars"]
+        assert "val/loss" in scalars or not validated
     else:  # every classifier: its metrics and its confusion matrices
-        assert {"val/acc", "val/f1", "test/acc"} <= set(tags["scalars"])
-        assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(tags["images"])
+        assert "test/acc" in scalars and "test/confusion_matrix" in images
+        if validated:
+            assert {"val/acc", "val/f1"} <= scalars and "val/confusion_matrix" in images
+
+    # the best value of what it monitors, where it validates and monitors a metric ...
+    monitors = cfg.monitor.metric is not None and validated
+    assert (record["monitor"]["best"] is not None) == monitors
+    # ... by which compare ranks it; without validation, by its test split's counterpart
+    runs, problems = find_runs([tmp_path / "run"])
+    assert not problems
+    if monitors:
+        assert leaderboard(runs, monitored(runs))
+    elif cfg.monitor.metric and cfg.get("test") and f"{cfg.monitor.metric}".startswith("val/"):
+        assert not leaderboard(runs, monitored(runs))
+        assert without_validation(runs, monitored(runs))[0] == runs
+
+
+def test_a_forks_experiment_without_validation_passes_the_same_checks(
+    compose, tmp_path, monkeypatch
+):
+    """A fork adds a data set that holds out no validation split and an experiment on it, as
+    config files of its own (here beside the template's, on Hydra's search path): the checks
+    every experiment passes hold for it unedited."""
+    fork = tmp_path / "fork"
+    (fork / "data").mkdir(parents=True)
+    (fork / "experiment").mkdir()
+    (fork / "data" / "my_digits.yaml").write_text(
+        "defaults:\n  - digits\n  - _self_\n\nval_size: 0\n"
+    )
+    (fork / "experiment" / "my_digits_mlp.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /data: my_digits\n  - override /model: mlp\n"
+    )
+    searchpath = f"hydra.searchpath=[file://{fork}]"
+    assert compose(searchpath, "experiment=my_digits_mlp").data.val_size == 0
+    check_experiment(compose, tmp_path, monkeypatch, searchpath, "experiment=my_digits_mlp")

@@ -50,14 +50,21 @@ def train(
     if cfg.seed is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     config = OmegaConf.to_container(cfg, resolve=True)
-    resume_from, wandb_id, changes = _resume_point(cfg, run_dir)
+    resume_from, carried, changes = _resume_point(cfg, run_dir)
 
     again = [o for o in overrides if not o.startswith("resume=")]
     resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
     run_info = RunInfo(config=config, resume_command=resume, changes=changes)
     monitored = Best(cfg.monitor.metric, cfg.monitor.mode)  # the run's best value: metrics.json
     callbacks = [*_callbacks(cfg, run_info), monitored]
-    loggers = build_loggers(cfg, run_dir, group=wandb_group, name=wandb_name, wandb_id=wandb_id)
+    loggers = build_loggers(
+        cfg,
+        run_dir,
+        group=wandb_group,
+        name=wandb_name,
+        wandb_id=carried.get("wandb_id"),
+        resume_step=carried.get("step"),
+    )
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -80,6 +87,8 @@ def train(
         logger.log_hyperparams(run_record.flat_hparams(config, choices))
 
     record: dict[str, Any] = {
+        # A run resumed after its last epoch logs nothing new: its values are the checkpoint's.
+        **carried.get("metrics", {}),
         "status": "running",
         "overrides": list(overrides),
         "run_dir": str(run_dir),
@@ -162,9 +171,10 @@ def _effective_batch_size_and_lr(cfg: DictConfig, trainer) -> tuple[int, float]:
     return per_step, cfg.optimizer.lr * factor
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None, dict]:
-    """(checkpoint to continue from, W&B run id to continue, config changes allowed), from
-    ckpt_path or resume=auto; resume=restart sets the run's earlier files aside instead."""
+def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict, dict]:
+    """(checkpoint to continue from, what the run carries on from it (checkpoint.carried),
+    config changes allowed), from ckpt_path or resume=auto; resume=restart sets the run's
+    earlier files aside instead."""
     from trainlab.engine import checkpoint
 
     if cfg.get("ckpt_path"):
@@ -174,17 +184,17 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | No
         found = checkpoint.latest_good(run_dir)  # a UserError if every checkpoint is damaged
         if found is None:
             print(f"resume=auto: {run_dir} has no checkpoint yet; starting from the beginning.")
-            return None, None, {}
+            return None, {}, {}
         path, ckpt = found
     else:
         if cfg.get("resume") == "restart":
             kept = checkpoint.set_aside(run_dir)
             if kept:
                 print(f"resume=restart: starting over; the earlier files are kept in {kept}")
-        return None, None, {}
+        return None, {}, {}
     changes = checkpoint.check_config(ckpt, path, cfg)
     print(f"Resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}).")
-    return path, ckpt[checkpoint.KEY].get("wandb_id"), changes
+    return path, checkpoint.carried(ckpt), changes
 
 
 def _finish_wandb() -> None:

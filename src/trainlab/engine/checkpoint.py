@@ -45,6 +45,20 @@ def best_path(trainer) -> str | None:
     return None
 
 
+def carried(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What a run resumed from `ckpt` carries on besides Lightning's own state: its W&B run id,
+    the metrics it had logged (a run resumed after its last epoch logs none of its own), and
+    the step its loggers had reached (metrics.csv keeps only the rows before it, as the
+    resumed run logs the rest again)."""
+    ours = ckpt.get(KEY) or {}
+    loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return {
+        "wandb_id": ours.get("wandb_id"),
+        "metrics": dict(ours.get("metrics") or {}),
+        "step": loop.get("_batches_that_stepped", ckpt.get("global_step")),
+    }
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside it and renames it into place, so a
     checkpoint on disk is always whole: a kill or a full disk mid-write leaves the old one."""

@@ -7,11 +7,14 @@ directory holds (metrics.json, metrics.csv, .hydra/config.yaml) and each sweep's
 so it works on finished sweeps, on sweeps still running, stopped or dead, and on sweeps where
 some jobs failed (listed with their error; interrupted and pending jobs with the command that
 continues them). A record it cannot read is named with what is wrong, never skipped. Runs that
-differ only by their seed are grouped, their metric shown as mean +- std.
+differ only by their seed are grouped, their metric shown as mean +- std over the runs that
+have it, and "(k of n runs)" where only k of the setting's n runs do.
 
 Runs are ranked by the metric their config's `monitor` names: by each run's best value of it
 (metrics.json's monitor.best, shown as e.g. val/acc_best), best first as monitor.mode says.
-`--metric` ranks by any other metric in metrics.json instead.
+`--metric` ranks by any other metric in metrics.json instead. Runs without validation
+(data.val_size=0) have no val/ metric: they are ranked by its test split's counterpart
+(val/acc_best: test/acc), apart from the others, and the output says so.
 """
 
 from __future__ import annotations
@@ -248,7 +251,7 @@ def _first_line(error: Exception) -> str:
 
 def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
     """One row per setting (runs equal but for the seed), best first, with the columns of
-    _columns(metric)."""
+    _columns(metric): each (mean, std, how many of the setting's runs have the value)."""
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         if run.status == "finished" and metric in run.metrics:
@@ -261,10 +264,11 @@ def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"overrides": label, "runs": members, "shared": sorted(shared)}
         for key in _columns(metric):
             values = [r.metrics[key] for r in members if key in r.metrics]
-            if values:
+            if values:  # over the runs that have the value, and saying how many they are
                 row[key] = (
                     statistics.fmean(values),
                     statistics.stdev(values) if len(values) > 1 else 0.0,
+                    len(values),
                 )
         rows.append(row)
     rows.sort(key=lambda r: r[metric][0], reverse=not lower_is_better(runs, metric))
@@ -279,6 +283,24 @@ def monitored(runs: list[Run]) -> str:
 
 def _monitors_another(run: Run, metric: str) -> bool:
     return run.status == "finished" and metric not in run.metrics and bool(run.monitor["metric"])
+
+
+def without_validation(runs: list[Run], metric: str) -> tuple[list[Run], str]:
+    """The finished runs that lack a val/ `metric` because they validated nothing (no val/
+    value at all, as with data.val_size=0) but were tested, and the test metric that stands
+    for it (val/acc_best: test/acc)."""
+    tested = _columns(metric)[1]
+    if not metric.startswith("val/") or tested == metric:
+        return [], tested
+    unvalidated = [
+        run
+        for run in runs
+        if run.status == "finished"
+        and metric not in run.metrics
+        and tested in run.metrics
+        and not any(key.startswith("val/") for key in run.metrics)
+    ]
+    return unvalidated, tested
 
 
 def lower_is_better(runs: list[Run], metric: str) -> bool:
@@ -297,11 +319,14 @@ def _columns(metric: str) -> list[str]:
     return list(dict.fromkeys([metric, tested, "val/loss"]))
 
 
-def fmt(value: tuple[float, float] | None, n: int) -> str:
+def fmt(value: tuple[float, float, int] | None, n: int) -> str:
+    """A leaderboard cell: the mean (+- std) over the `count` runs of the n in its setting that
+    have the value."""
     if value is None:
         return "-"
-    mean, std = value
-    return f"{mean:.4f} +- {std:.4f}" if n > 1 else f"{mean:.4f}"
+    mean, std, count = value
+    text = f"{mean:.4f} +- {std:.4f}" if count > 1 else f"{mean:.4f}"
+    return text if count == n else f"{text} ({count} of {n} runs)"
 
 
 def print_leaderboard(
@@ -457,10 +482,31 @@ def compare(paths: list[Path], metric: str | None, out: Path, top: int = 5) -> d
     runs, problems = find_runs(paths)
     metric = metric or monitored(runs)
     rows = leaderboard(runs, metric)
+    lower = lower_is_better(runs, metric)
+    unvalidated, tested = without_validation(runs, metric)
+    by_test = []  # runs without validation, ranked apart by their test metric
+    if unvalidated and not rows:  # none has the metric: rank them all by the test split's
+        print(
+            f"No run has {metric} (no validation split, e.g. data.val_size=0): ranked by {tested}"
+        )
+        metric, rows = tested, leaderboard(unvalidated, tested)
+    elif unvalidated:
+        by_test = leaderboard(unvalidated, tested)
     pruned = [r for r in runs if r.status == "pruned"]  # by an Optuna sweep: listed apart
     others = pruned + [r for r in runs if r.status not in ("finished", "pruned")]
-    print_leaderboard(rows, others, metric, lower_is_better(runs, metric), problems)
-    apart = {f"{r.monitor['metric']}_best" for r in runs if _monitors_another(r, metric)}
+    print_leaderboard(rows, others, metric, lower, problems)
+    if by_test:
+        print(
+            f"Runs without a validation split (e.g. data.val_size=0) have no {metric}: "
+            f"{len(unvalidated)} ranked apart by {tested}"
+        )
+        print_leaderboard(by_test, [], tested, lower, [])
+    ranked = {id(run) for row in rows + by_test for run in row["runs"]}
+    apart = {
+        f"{r.monitor['metric']}_best"
+        for r in runs
+        if id(r) not in ranked and _monitors_another(r, metric)
+    }
     if apart:  # e.g. char_gpt's runs among classifiers': not comparable, so not ranked here
         names = " or ".join(sorted(apart))
         print(f"Runs that monitor another metric are ranked with --metric {names}")
@@ -475,6 +521,7 @@ def compare(paths: list[Path], metric: str | None, out: Path, top: int = 5) -> d
         "metric": metric,
         "runs": runs,
         "rows": rows,
+        "by_test": by_test,
         "pruned": pruned,
         "not_finished": not_finished,
         "problems": problems,

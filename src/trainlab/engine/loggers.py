@@ -7,6 +7,7 @@ the server, it logs offline into the run directory and says how to upload later.
 from __future__ import annotations
 
 import csv
+import io
 import netrc
 import os
 import socket
@@ -30,16 +31,18 @@ def build_loggers(
     group: str | None = None,
     name: str | None = None,
     wandb_id: str | None = None,
+    resume_step: int | None = None,
 ) -> list:
     """Instantiate `cfg.logger` into run_dir, always including a CSVLogger (run_dir/metrics.csv).
 
     `group` and `name` label the run in W&B: a sweep's jobs share the group. `wandb_id`
-    continues an earlier W&B run (a resumed run).
+    continues an earlier W&B run (a resumed run); `resume_step` is the step a resumed run
+    logs from (metrics.csv drops the rows it would log twice).
     """
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities import rank_zero_only
 
-    loggers = [RunCSVLogger(save_dir=run_dir, name="", version="")]
+    loggers = [RunCSVLogger(save_dir=run_dir, name="", version="", resume_step=resume_step)]
     for logger_cfg in (cfg.get("logger") or {}).values():
         if logger_cfg is None or "_target_" not in logger_cfg:
             continue
@@ -79,37 +82,58 @@ class RunCSVLogger(CSVLogger):
     file in place each time a new column appears (the end of the first epoch adds several): a
     run killed during that rewrite kept a header and part of its rows. Here a resumed run
     appends to the file, and a rewrite goes to a temporary file that replaces it in one step.
+    A run resumed from a checkpoint at `resume_step` logs that step and the ones after it again:
+    the rows from there on, written before the run stopped, are dropped first, so that each
+    step or epoch has its rows once.
     """
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
-            self._experiment = _HistoryWriter(log_dir=self.log_dir)
+            self._experiment = _HistoryWriter(log_dir=self.log_dir, resume_step=self.resume_step)
         return self._experiment
 
 
 class _HistoryWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int | None = None) -> None:
+        self.resume_step = resume_step  # read by _check_log_dir_exists, which __init__ calls
+        super().__init__(log_dir)
+
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
         path.with_name(path.name + ".partial").unlink(missing_ok=True)  # a rewrite cut short
         if not path.is_file():
             return
         text = path.read_text()
-        if text and not text.endswith("\n"):  # a row cut short by a kill: drop it
-            text = text[: text.rfind("\n") + 1]
-            path.write_text(text)
-        self.metrics_keys = next(csv.reader([text.partition("\n")[0]]), [])
+        whole = text[: text.rfind("\n") + 1]  # a row cut short by a kill: dropped
+        reader = csv.DictReader(io.StringIO(whole))
+        rows = list(reader)
+        self.metrics_keys = list(reader.fieldnames or [])
+        if self.resume_step is not None:
+            rows = [r for r in rows if not r.get("step") or float(r["step"]) < self.resume_step]
+        if whole != text or len(rows) < reader.line_num - 1:
+            self._write(rows)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        path = Path(self.metrics_file_path)
-        with path.open(newline="") as f:
+        with Path(self.metrics_file_path).open(newline="") as f:
             rows = list(csv.DictReader(f))
+        self._write(rows, fieldnames)
+
+    def _write(self, rows: list[dict[str, str]], fieldnames: list[str] | None = None) -> None:
+        """The file anew, through a temporary file that replaces it in one step."""
+        path = Path(self.metrics_file_path)
         partial = path.with_name(path.name + ".partial")
+        fieldnames = fieldnames or self.metrics_keys
         with partial.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
+            if fieldnames:  # (no header yet: an empty file, as a new run's first save expects)
+                writer = csv.DictWriter(f, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
         os.replace(partial, path)
 
 

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from trainlab import __version__
 from trainlab.engine.callbacks import RunInfo
 from trainlab.engine.checkpoint import KEY
+from trainlab.engine.run_record import final_metrics
 
 
 class CheckpointRecord(pl.Callback):
@@ -29,14 +30,21 @@ class CheckpointRecord(pl.Callback):
     git commit, the versions of the main packages, the W&B run id (a resumed run continues the
     same W&B run), the random number generators' states (a resumed run draws the same
     dropout masks and data order as an uninterrupted one), and the class names where the data
-    set has them (an exported model names its predictions with them). The config is
-    run_info.config (see trainlab.engine.callbacks.RunInfo).
+    set has them (an exported model names its predictions with them), and the metrics training
+    logged so far, those before a resume included (a run resumed after its last epoch logs none,
+    and records these; a checkpoint saved while testing holds the training's, not the test's).
+    The config is run_info.config (see trainlab.engine.callbacks.RunInfo).
+
+    A checkpoint of a run directory that was moved or copied still names the old directory in
+    ModelCheckpoint's state; resuming from it there, the paths are read as the new directory's,
+    so the run keeps its best.ckpt (Lightning would write best-v1.ckpt beside it).
     """
 
     def __init__(self):
         self.run_info = RunInfo()
         self.commit = _git_commit()
         self._restored = False
+        self.metrics: dict[str, float] = {}  # what training logged, the resumed-from run's too
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Under DDP each rank draws its own dropout masks and augmentations: seed + rank (a
@@ -52,9 +60,14 @@ class CheckpointRecord(pl.Callback):
         # loader its saved state. Handed here, before the first batch is drawn.
         trainer.fit_loop._load_combined_loader_states()
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.metrics.update(final_metrics(trainer))
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:  # the metric history up to here is on disk too
             logger.save()
+        if trainer.state.fn == "fit":  # (a save while testing, at a signal: the fit's values)
+            self.metrics.update(final_metrics(trainer))
         checkpoint[KEY] = {
             "config": self.run_info.config,
             "version": __version__,
@@ -63,6 +76,7 @@ class CheckpointRecord(pl.Callback):
             "wandb_id": _wandb_id(trainer),
             "rng": _rng_states(),
             "classes": _class_names(trainer),
+            "metrics": dict(self.metrics),
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -70,6 +84,9 @@ class CheckpointRecord(pl.Callback):
         if rng:
             _set_rng_states(rng)
             self._restored = True
+        if trainer.state.fn == "fit":  # (testing loads best.ckpt: an earlier epoch's values)
+            self.metrics = dict(checkpoint.get(KEY, {}).get("metrics") or {})
+        _follow_moved_run_dir(trainer, checkpoint)
 
 
 class LastCheckpoint(Checkpoint):
@@ -161,6 +178,34 @@ class ApplyOptimizerChanges(pl.Callback):
                     values = getattr(config.scheduler, name, None)
                     if values is not None:
                         values[index] *= ratio
+
+
+def _follow_moved_run_dir(trainer, checkpoint: dict[str, Any]) -> None:
+    """Where the checkpoint being resumed lies in a ModelCheckpoint's own folder but its state
+    names another folder (the run dir was moved or copied), rewrite the state's paths into this
+    folder before the callback loads it (Lightning compares the folders and otherwise keeps
+    only best_model_path, pointing at the old place). Runs before any load_state_dict."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    loaded = Path(trainer.ckpt_path or "").resolve()
+    for callback in trainer.checkpoint_callbacks:
+        state = checkpoint.get("callbacks", {}).get(callback.state_key)
+        if not isinstance(callback, ModelCheckpoint) or not state or not callback.dirpath:
+            continue
+        old, new = state.get("dirpath"), str(callback.dirpath)
+        if old and old != new and loaded.parent == Path(new).resolve():
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state[key] = _moved(state.get(key), old, new)
+            models = state.get("best_k_models", {})
+            state["best_k_models"] = {_moved(k, old, new): v for k, v in models.items()}
+            state["dirpath"] = new
+
+
+def _moved(path: Any, old: str, new: str) -> Any:
+    """A path in the folder `old`, as the same name in `new`."""
+    if isinstance(path, str) and path and Path(path).parent == Path(old):
+        return str(Path(new) / Path(path).name)
+    return path
 
 
 def _git_commit() -> str | None:

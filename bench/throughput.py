@@ -203,6 +203,7 @@ class StepTimer(Callback):
     """Times `steps` training steps after `warmup`: the sum of the intervals between the starts of
     consecutive steps of the same epoch (so the gap between epochs is left out), then stops."""
 
+    takes_blocks = True  # it counts the steps of a block: it keeps the fast path it times
     last: StepTimer | None = None
 
     def __init__(self, warmup: int, steps: int, device: str = "cpu"):
@@ -593,6 +594,7 @@ class AccuracyClock(Callback):
     """Training time (from the first step, probes left out) at which test accuracy >= target."""
 
     last: AccuracyClock | None = None
+    takes_blocks = True  # it only starts its clock: it keeps the fast path it times
 
     def __init__(self, target: float, device: str = "cpu"):
         self.target, self.device = target, device
@@ -786,6 +788,17 @@ def _per_step_variants():
     from trainlab.models.classifier import Classifier
 
     class LogEveryStep(Classifier):
+        # Its own training_step runs Lightning's loop (trainlab.engine.blocks.lightning_loop_why); it
+        # steps as the template's plain step does, so that the logging alone differs.
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+
+        def _plain_step(self, loss):
+            super()._plain_step(loss)
+            if self.make_scheduler is not None:
+                self.lr_schedulers().step()
+
         def training_step(self, batch, batch_idx):
             x, y = batch
             logits = self(x)

@@ -307,6 +307,8 @@ def test_a_checkpoint_from_lightnings_own_optimisation_resumes_at_its_step(compo
 
     def fit(max_steps: int, ckpt_path=None, **clip) -> tuple[pl.Trainer, list[int]]:
         class Steps(pl.Callback):
+            takes_blocks = True  # else its batch hook would turn the plain steps off
+
             def __init__(self):
                 self.seen = []
 

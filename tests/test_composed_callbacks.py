@@ -21,6 +21,7 @@ OWN = {
     "record",
     "stop_on_signal",
     "stop_on_non_finite_loss",
+    "stop_on_stall",
     "ranks_agree",
     "progress",
     "report_to_study",

@@ -156,6 +156,10 @@ class StopAt(pl.Callback):
     checkpoint does not matter: the resumed run starts from the file); records each batch's
     step and sum as it trains."""
 
+    # Its batch hooks would turn the template's plain steps off (trainlab.engine.blocks), which are
+    # what this file resumes; it sees no blocks (steps_per_call is 1 here).
+    takes_blocks = True
+
     def __init__(self, step: int | None, path: Path):
         self.step, self.path, self.batches = step, path, []
 

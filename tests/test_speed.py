@@ -238,6 +238,8 @@ class Regression(TrainlabModule):
 
 def test_a_module_of_ones_own_takes_plain_steps_and_logs_epoch_means():
     class Steps(pl.Callback):
+        takes_blocks = True  # else its batch hook would turn the plain steps off
+
         def __init__(self):
             self.automatic, self.weighted, self.samples = [], 0.0, 0
 

@@ -25,6 +25,10 @@ class Record(pl.Callback):
     """The learning rate after every optimizer step, the steps at which checkpoints are saved,
     and at which calls end; optionally saves a checkpoint and stops at step `stop_at`."""
 
+    takes_blocks = (
+        True  # written for blocks: it keeps them (trainlab.engine.blocks.lightning_loop_why)
+    )
+
     def __init__(self, stop_at: int | None = None, path: Path | None = None):
         self.stop_at, self.path = stop_at, path
         self.lrs, self.saved, self.call_ends = [], [], []

@@ -36,7 +36,7 @@ def train(
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from trainlab.engine import checkpoint, compute, console, run_record
+    from trainlab.engine import blocks, checkpoint, compute, console, run_record
     from trainlab.engine.callbacks import RunInfo, pruning
     from trainlab.engine.callbacks.guards import RanksAgree
     from trainlab.engine.callbacks.monitor import Best
@@ -76,11 +76,15 @@ def train(
     datamodule = instantiate(cfg.data)
     batch_size, lr = _effective_batch_size_and_lr(cfg, trainer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, lr=lr), scheduler=scheduler)
+    optimizer = instantiate(cfg.optimizer, lr=lr)
+    model, untaken = checkpoint.instantiate_model(
+        cfg.model, optimizer=optimizer, scheduler=scheduler
+    )
+    not_applied = _not_applied(cfg, model, untaken)
     check_net_fits(model, datamodule, choices or {})  # a shape mismatch: one line, not a traceback
     if hasattr(model, "steps_per_call"):  # a TrainlabModule: see trainlab.engine.blocks
         model.steps_per_call = cfg.get("steps_per_call", "auto")
-    if cfg.get("compile"):
+    if cfg.get("compile") and "compile" not in not_applied:
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
     config["effective_batch_size"], config["effective_lr"] = batch_size, lr
     for logger in loggers:
@@ -100,6 +104,8 @@ def train(
         "effective_batch_size": batch_size,
         "effective_lr": lr,
     }
+    if not_applied:  # what the config asks of a module that does not take it
+        record["not_applied"] = not_applied
     started = time.perf_counter()
     try:
         with compute.torch_cuda_check(trainer):
@@ -110,7 +116,7 @@ def train(
             record["status"] = "interrupted"
         elif pruning.pruned(trainer):  # stopped early by the sweep's pruner: no test
             record["status"] = "pruned"
-        elif cfg.get("test"):
+        elif cfg.get("test") and "test" not in not_applied:
             best = checkpoint.best_path(trainer)
             trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         if record["status"] == "running":
@@ -127,9 +133,12 @@ def train(
         record.update(run_record.final_metrics(trainer))
         record["epochs"] = trainer.current_epoch
         record["steps"] = trainer.global_step
-        record["steps_per_call"] = getattr(
-            model, "steps_per_call_choice", {"steps_per_call": 1, "why": "not a TrainlabModule: 1"}
-        )
+        record["steps_per_call"] = getattr(model, "steps_per_call_choice", None) or {
+            "steps_per_call": 1,
+            "why": f"{type(model).__name__} is not a TrainlabModule: {blocks.ONE_BATCH}"
+            if not hasattr(model, "steps_per_call")
+            else "not chosen: the run ended before training: 1",
+        }
         record["duration_s"] = round(time.perf_counter() - started, 3)
         agree = next((c for c in trainer.callbacks if isinstance(c, RanksAgree)), None)
         if agree is not None and agree.agree is not None:
@@ -143,6 +152,27 @@ def train(
                 print(f"could not write {run_dir / run_record.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()
     return record
+
+
+def _not_applied(cfg: DictConfig, model, untaken: list[str]) -> dict[str, str]:
+    """What the config asks that `model` cannot take (a plain LightningModule, say), by key,
+    each with why: printed now, recorded in metrics.json, and skipped."""
+    import torch
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    name = type(model).__name__
+    skipped = {
+        key: f"{name}'s constructor takes no {key}: its configure_optimizers decides"
+        for key in untaken
+        if key == "optimizer" or cfg.get(key)
+    }
+    if cfg.get("compile") and not isinstance(getattr(model, "net", None), torch.nn.Module):
+        skipped["compile"] = f"{name} has no `net` to compile (compile=true compiles model.net)"
+    if cfg.get("test") and not is_overridden("test_step", model):
+        skipped["test"] = f"{name} has no test_step: the run is not tested"
+    for key, why in skipped.items():
+        print(f"note: {key} not applied: {why}.")
+    return skipped
 
 
 def _callbacks(cfg: DictConfig, run_info) -> list:

@@ -10,6 +10,10 @@ What a user sees stays exact because N divides every interval counted in steps
 (log_every_n_steps, checkpoint_every_n_steps, an integer val_check_interval, max_steps, a
 ModelCheckpoint's every_n_train_steps): those steps always end a block. Whatever counts
 Lightning's batches in a way N cannot fit keeps N = 1, and choose() says why.
+
+All of this (plain steps and blocks: the fast path) is taken only where nothing can see it:
+lightning_loop_why() says what, written by the user, would see it; then Lightning's own loop
+runs, as under a bare pl.Trainer.
 """
 
 from __future__ import annotations
@@ -23,17 +27,99 @@ import torch
 KEY = "steps_per_call"  # in checkpoints: a resumed run keeps the blocks it was written with
 CALL_S = 0.05  # auto: a call of at least 50 ms, so that Lightning's ~1 ms is 2% of it or less
 MOST = 64
+ONE_BATCH = "Lightning's loop, one batch a call"
+# What sees the fast path, where the class that defines it is the user's: a callback's hooks that
+# take batches or wrap each optimizer step (Lightning's automatic optimisation calls them all)...
+CALLBACK_HOOKS = (
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_zero_grad",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+)
+# ... and the module's own, and those of its optimisation that plain steps do not call.
+MODULE_HOOKS = (
+    "training_step",
+    "on_before_batch_transfer",
+    "transfer_batch_to_device",
+    "on_after_batch_transfer",
+    *CALLBACK_HOOKS,
+    "backward",
+    "optimizer_step",
+    "optimizer_zero_grad",
+    "lr_scheduler_step",
+    "configure_gradient_clipping",
+)
+TRANSFER_HOOKS = MODULE_HOOKS[1:4]  # a data module's, which blocks of batches would reach
+
+
+def lightning_loop_why(module, trainer) -> str | None:
+    """Why this fit of `module` (a TrainlabModule) must run Lightning's own loop, exactly as a
+    bare pl.Trainer would (automatic optimisation as the module declares it, one batch a call),
+    if it must: something of the user's would see the fast path. None: nothing would.
+
+    A class that writes one of these hooks for blocks says so with `takes_blocks = True` in its
+    own body (trainlab's callbacks, TrainlabModule); Lightning's callbacks that the template
+    composes count steps, not calls, where it matters (see _intervals)."""
+    import lightning.pytorch as pl
+
+    hook = _own_hook(module, pl.LightningModule, MODULE_HOOKS)
+    if hook:
+        return f"{hook} is its own: {ONE_BATCH}"
+    if module._declared_optimization:
+        return f"{type(module).__name__} sets automatic_optimization: {ONE_BATCH}"
+    for callback in trainer.callbacks:
+        hook = _own_hook(callback, pl.Callback, CALLBACK_HOOKS)
+        if hook:
+            return f"the callback {hook} sees every batch: {ONE_BATCH}"
+    return None
+
+
+def takes_one_batch(why: str) -> bool:
+    """Whether a choice's `why` says the run cannot take blocks at all."""
+    return why.endswith((": 1", ONE_BATCH))
+
+
+def _own_hook(obj, base: type, hooks: tuple[str, ...]) -> str | None:
+    """The first of `hooks` that `obj` has of its own (not `base`'s, nor a class's that takes
+    blocks), as Class.hook."""
+    for hook in hooks:
+        if hook in vars(obj):  # set on the object, as LambdaCallback does
+            return f"{type(obj).__name__}.{hook}"
+        owner = next(c for c in type(obj).__mro__ if hook in vars(c))
+        if owner in base.__mro__ or vars(owner).get("takes_blocks") or owner in _aware():
+            continue
+        return f"{owner.__name__}.{hook}"
+    return None
+
+
+def _aware() -> tuple[type, ...]:
+    """Lightning's callbacks whose batch hooks blocks leave right: checkpoints and the learning
+    rate by steps (see _intervals and _needs_one), progress bars by calls, a timer."""
+    from lightning.pytorch import callbacks
+
+    return (
+        callbacks.ModelCheckpoint,
+        callbacks.LearningRateMonitor,
+        callbacks.TQDMProgressBar,
+        callbacks.RichProgressBar,
+        callbacks.Timer,
+    )
 
 
 def choose(module, requested: int | str) -> tuple[int, str]:
     """(N, why) for this fit of `module` (a TrainlabModule), the same on every rank."""
     trainer = module.trainer
-    reason = _needs_one(module, trainer)
+    reason = module.lightning_loop_why or _needs_one(module, trainer)
     if reason:
         return 1, reason
     intervals = _intervals(trainer)
     fits = [n for n in range(1, MOST + 1) if all(v % n == 0 for v in intervals.values())]
-    if requested == "auto":
+    if requested == "auto" and not all(hasattr(module, a) for a in TIMED):
+        n = wanted = 1
+        why = f"auto: {type(module).__name__} has no {', '.join(TIMED)} to time a step with"
+    elif requested == "auto":
         step_s = trainer.strategy.broadcast(_time_step(module))  # rank 0's, for every rank
         wanted = math.ceil(CALL_S / step_s)
         n = next((n for n in fits if n >= wanted), fits[-1])
@@ -64,7 +150,7 @@ def resumed(choice: dict, stored: int | None) -> dict | None:
     written before blocks, so 1): that one, as Lightning's restored counters count its calls;
     None to keep `choice`."""
     stored = stored or 1
-    if stored == choice["steps_per_call"] or choice["why"].endswith(": 1"):
+    if stored == choice["steps_per_call"] or takes_one_batch(choice["why"]):
         return None  # the same, or this run cannot take blocks at all
     return {"steps_per_call": stored, "why": "as in the checkpoint resumed from"}
 
@@ -94,14 +180,16 @@ def direct(module, trainer) -> bool:
 
 def _needs_one(module, trainer) -> str | None:
     """Why this fit must take one step per call, if it must."""
+    import lightning.pytorch as pl
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     if module.automatic_optimization:
         return "gradient accumulation and clipping need Lightning's loop: 1"
-    if not module.plain_steps:
-        return "the module steps its optimizers itself: 1"
     if getattr(trainer.datamodule, "loader", None) != "memory":
         return "the DataLoader path yields one batch at a time: 1"
+    hook = _own_hook(trainer.datamodule, pl.LightningDataModule, TRANSFER_HOOKS)
+    if hook:
+        return f"{hook} takes one batch at a time: 1"
     if trainer.fast_dev_run or trainer.overfit_batches:
         return "fast_dev_run and overfit_batches count Lightning's batches: 1"
     if trainer.limit_train_batches != 1.0:
@@ -134,6 +222,9 @@ def _intervals(trainer) -> dict[str, int]:
         elif isinstance(callback, ModelCheckpoint) and callback._every_n_train_steps:
             found["callbacks.checkpoint.every_n_train_steps"] = callback._every_n_train_steps
     return found
+
+
+TIMED = ("net", "make_optimizer", "loss")  # what _time_step takes a step of
 
 
 def _time_step(module) -> float:

@@ -147,12 +147,33 @@ def stored_config(ckpt: dict[str, Any]) -> Any:
     return OmegaConf.create(ckpt[KEY]["config"])
 
 
+def instantiate_model(model_cfg: Any, **factories: Any) -> tuple[pl.LightningModule, list[str]]:
+    """Build the LightningModule of `model_cfg`, handing it each of `factories` (optimizer=,
+    scheduler=: Hydra partials) that its constructor takes: the template's modules take both, a
+    plain LightningModule makes its own in configure_optimizers. Returns the model and the
+    names of the factories it does not take."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    target = get_object(model_cfg._target_)
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: hand it everything
+        params = [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+    names = {p.name for p in params}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        names = set(factories)
+    given = {k: v for k, v in factories.items() if k in names}
+    return instantiate(model_cfg, **given), [k for k in factories if k not in given]
+
+
 def build_model(ckpt: dict[str, Any]) -> pl.LightningModule:
     """Rebuild the LightningModule from the checkpoint's own config and load its weights."""
     cfg = stored_config(ckpt)
     check_targets(cfg.model, "the checkpoint's model config")
     check_targets(cfg.optimizer, "the checkpoint's optimizer config")
-    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))
+    model, _ = instantiate_model(cfg.model, optimizer=instantiate(cfg.optimizer))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
@@ -213,7 +234,7 @@ def check_config(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> dict[str, 
 
 
 def _check_weights_fit(ckpt: dict[str, Any], path: str | Path, cfg: Any) -> None:
-    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))
+    model, _ = instantiate_model(cfg.model, optimizer=instantiate(cfg.optimizer))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

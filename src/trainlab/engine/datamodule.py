@@ -56,6 +56,7 @@ class InMemoryDataModule(pl.LightningDataModule):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     steps_per_call = 1  # training batches a block (set by the Classifier, see steps_per_call)
+    takes_blocks = True  # its transfer hooks take Blocks (trainlab.engine.blocks)
 
     def __init__(
         self,

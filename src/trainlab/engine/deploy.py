@@ -57,7 +57,10 @@ def from_checkpoint(path: str | Path) -> tuple[Deployed, dict[str, Any]]:
             "models normalised by a given per-channel mean and std (data.mean, data.std) can be "
             "deployed. Load the checkpoint in Python instead (engine.checkpoint.build_model)."
         )
-    model = Deployed(checkpoint.build_model(ckpt).net, datamodule.mean, datamodule.std).eval()
+    module = checkpoint.build_model(ckpt)
+    # the template's modules wrap `net`; a plain LightningModule's forward is its inference
+    net = module.net if isinstance(getattr(module, "net", None), torch.nn.Module) else module
+    model = Deployed(net, datamodule.mean, datamodule.std).eval()
     if shape[0] not in CHANNELS:
         raise UserError(
             f"{path} takes {shape[0]}-channel inputs; only grey (1) or RGB (3) images can be "

@@ -9,13 +9,16 @@ Small nets take about a millisecond a step on a CPU, so every per-step cost here
   kept in checkpoints so that an epoch resumed part-way reports its mean over all its batches.
 
 A subclass writes `training_loss(batch)`: the batch's loss, having handed what it reports to
-`add_to_epoch_means`. One that steps its optimizers itself (manual optimisation, as the GAN)
-writes `training_step` instead, and still reports through `add_to_epoch_means`.
+`add_to_epoch_means`. That is the fast path: the first two above. A subclass may instead write
+anything Lightning's documentation teaches (its own `training_step`, `automatic_optimization`,
+hooks that take batches, as the GAN does): then Lightning's own loop runs, exactly as under a
+bare pl.Trainer, and metrics.json's steps_per_call says why (blocks.lightning_loop_why).
 """
 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +34,11 @@ EPOCH_SUMS = "epoch_sums"
 
 
 class TrainlabModule(pl.LightningModule):
+    # Its training_step and on_train_batch_end take blocks; a subclass's own do not (see
+    # trainlab.engine.blocks.lightning_loop_why).
+    takes_blocks = True
+    _declared_optimization = False  # automatic_optimization set by the module itself
+    _loop_why = (lambda: None, None)  # (the Trainer it is for, lightning_loop_why) once asked
     # Optimizer steps a training_step takes (engine.blocks): auto, or a count; train sets it
     # from the config, and records steps_per_call_choice, what was taken and why.
     steps_per_call: int | str = 1
@@ -63,16 +71,31 @@ class TrainlabModule(pl.LightningModule):
     def automatic_optimization(self) -> bool:
         # Lightning's automatic optimisation (its closure, hooks and bookkeeping) costs about
         # 0.25 ms a step, a fifth of a small MLP's step (bench/RESULTS.md). What it adds to the
-        # plain step below is gradient accumulation and clipping by Trainer flags: only runs
-        # that set one of those use it. Both paths compute the same weights (tests/test_speed.py).
+        # plain step below is gradient accumulation and clipping by Trainer flags, and the
+        # hooks that lightning_loop_why looks for: only runs that need one of those use it. Both
+        # paths compute the same weights (tests/test_speed.py). A value the module set is kept.
         trainer = self._trainer
-        if trainer is None or not self._automatic_optimization:
+        if trainer is None or self._declared_optimization or self.lightning_loop_why:
             return self._automatic_optimization
         return trainer.accumulate_grad_batches != 1 or bool(trainer.gradient_clip_val)
 
     @automatic_optimization.setter
     def automatic_optimization(self, value: bool) -> None:
         self._automatic_optimization = value  # False: the module steps its optimizers itself
+        self._declared_optimization = True
+
+    @property
+    def lightning_loop_why(self) -> str | None:
+        """Why this fit runs Lightning's own loop as a bare pl.Trainer would, if it does
+        (blocks.lightning_loop_why): decided once a Trainer, when Lightning first asks."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        for_trainer, why = self._loop_why
+        if for_trainer() is not trainer:
+            why = blocks.lightning_loop_why(self, trainer)
+            self._loop_why = (weakref.ref(trainer), why)
+        return why
 
     @property
     def plain_steps(self) -> bool:

@@ -102,6 +102,8 @@ class LastCheckpoint(Checkpoint):
     <trainer.default_root_dir>/checkpoints/last.ckpt.
     """
 
+    takes_blocks = True  # its batch hooks take blocks of steps_per_call (trainlab.engine.blocks)
+
     def __init__(self, every_n_steps: int | None = None):
         self.path = Path("checkpoints/last.ckpt")
         self.every_n_steps = every_n_steps

@@ -1,5 +1,5 @@
-"""Callbacks that stop a run safely: on a signal, on a loss that is no longer a number, and
-when the ranks of a distributed run end out of step."""
+"""Callbacks that stop a run safely: on a signal, on a loss that is no longer a number, on
+parameters that do not train, and when the ranks of a distributed run end out of step."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 
 from trainlab.engine.callbacks import RunInfo
 from trainlab.engine.errors import Interrupted, UserError
+from trainlab.engine.memory import Block
 
 
 class StopOnSignal(pl.Callback):
@@ -23,6 +25,8 @@ class StopOnSignal(pl.Callback):
     that it too waits for the end of a step. A second Ctrl-C stops at once. The message's
     command is run_info.resume_command (see trainlab.engine.callbacks.RunInfo).
     """
+
+    takes_blocks = True  # its batch hooks take blocks of steps_per_call (trainlab.engine.blocks)
 
     def __init__(self):
         self.run_info = RunInfo()
@@ -92,6 +96,8 @@ class StopOnNonFiniteLoss(pl.Callback):
     only.
     """
 
+    takes_blocks = True  # its batch hooks take blocks of steps_per_call (trainlab.engine.blocks)
+
     def __init__(self, divergence_factor: float | None = None):
         self.ckpt_dir = Path("checkpoints")
         self.factor = divergence_factor
@@ -144,6 +150,62 @@ class StopOnNonFiniteLoss(pl.Callback):
             self._set_reference(state["reference"])
 
 
+class StopOnStall(pl.Callback):
+    """A run whose trainable parameters are all as they started after its first `batches`
+    training batches (times any gradient accumulation), while its loss is a number (or None),
+    stops with the likely causes: nothing is training, and a run that goes on would only spend
+    its time. Checked once: a sample of each parameter (up to SAMPLE evenly spread values) is
+    copied when training starts and compared after those batches.
+    """
+
+    takes_blocks = True  # its batch hook takes blocks of steps_per_call (trainlab.engine.blocks)
+    SAMPLE = 4096
+
+    def __init__(self, batches: int = 4):
+        self.batches = batches
+        self._start: list | None = None
+        self._seen = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        self._start = [(p, self._sample(p).clone()) for p in params]
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is None:
+            return  # checked already
+        self._seen += len(batch) if isinstance(batch, Block) else 1
+        if self._seen < self.batches * trainer.accumulate_grad_batches:
+            return
+        start, self._start = self._start, None
+        if any(not torch.equal(self._sample(p), kept) for p, kept in start):
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(float(loss)):
+            return  # StopOnNonFiniteLoss says what is wrong
+        self._stop(trainer, pl_module, loss, len(start))
+
+    def _sample(self, p: torch.Tensor) -> torch.Tensor:
+        flat = p.detach().reshape(-1)
+        return flat[:: max(1, len(flat) // self.SAMPLE)]
+
+    def _stop(self, trainer, pl_module, loss, trainable: int) -> None:
+        name = type(pl_module).__name__
+        lrs = ", ".join(f"{g['lr']:.3g}" for opt in trainer.optimizers for g in opt.param_groups)
+        shown = "None" if loss is None else f"{float(loss):.4g}"
+        raise UserError(
+            f"{name} has not trained: its {trainable} trainable parameter tensors are as they "
+            f"started after {self._seen} training batches ({trainer.global_step} optimizer "
+            f"steps, loss {shown}, learning rate {lrs or 'none'}). Likely causes: "
+            "automatic_optimization = False with a training_step that does not step the "
+            "optimizers (call self.manual_backward(loss) and opt.step(), or leave automatic "
+            "optimisation on); a learning rate of 0; every parameter frozen (requires_grad="
+            "False) or left out of configure_optimizers; a training_step that returns None "
+            "(Lightning then skips the step) or a loss cut from the graph (.detach(), .item(), "
+            "torch.no_grad). If that is meant, drop this check with ~callbacks.stop_on_stall."
+        )
+
+
 class RanksAgree(pl.Callback):
     """At the end of a distributed fit, checks that every rank holds the same weights (a
     checksum, gathered from all ranks): DDP keeps them in step, unless something is broken."""
@@ -154,8 +216,6 @@ class RanksAgree(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.world_size == 1:
             return
-        import torch
-
         checksum = sum(p.detach().double().sum() for p in pl_module.parameters())
         gathered = trainer.strategy.all_gather(checksum.to(pl_module.device))
         self.agree = bool(torch.all(gathered == gathered[0]))

@@ -74,6 +74,8 @@ class LiveBar(RichProgressBar):
     (bench/RESULTS.md): a quarter of a small net's step. The last batch of a loop always draws.
     """
 
+    takes_blocks = True  # its batch hooks take blocks of steps_per_call (trainlab.engine.blocks)
+
     def __init__(self, interval: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.interval = interval

@@ -788,7 +788,7 @@ def _per_step_variants():
     from trainlab.models.classifier import Classifier
 
     class LogEveryStep(Classifier):
-        # Its own training_step runs Lightning's loop (trainlab.engine.blocks.lightning_loop_why); it
+        # Its own training_step runs Lightning's loop (engine.blocks.lightning_loop_why); it
         # steps as the template's plain step does, so that the logging alone differs.
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from trainlab.engine import blocks
-from trainlab.models.classifier import Classifier
 from trainlab.engine.errors import UserError
+from trainlab.models.classifier import Classifier
 from trainlab.train import train
 
 EPOCHS = 1

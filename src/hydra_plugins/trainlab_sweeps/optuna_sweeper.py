@@ -395,8 +395,8 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
         else:
             raise ValueError(
                 f"hydra.sweeper.params.{key}={expression!r} is not a search space: use "
-                "choice(a, b, ...), interval(lo, hi), tag(log, interval(lo, hi)), range(...) or, for a "
-                "config group, glob(pattern)"
+                "choice(a, b, ...), interval(lo, hi), tag(log, interval(lo, hi)), range(...) "
+                "or, for a config group, glob(pattern)"
             )
     return space
 

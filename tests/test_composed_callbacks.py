@@ -139,3 +139,25 @@ def test_a_checkpoint_naming_the_profilers_old_place_still_reads(tmp_path):
     ckpt = checkpoint.read(tmp_path / "old.ckpt")
     profiler = ckpt["trainlab"]["config"]["trainer"]["profiler"]
     assert profiler["_target_"] == "trainlab.profiler.NullProfiler"
+
+
+def test_the_live_bar_and_the_log_lines_count_epochs_alike(capsys):
+    """Both say "epoch 2/2" for the second of two epochs (Lightning's own bar: "Epoch 1/1")."""
+    from conftest import tiny_trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from trainlab.callbacks.progress import EpochLines, LiveBar
+
+    limits = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1}
+    tiny_trainer(callbacks=[EpochLines()], enable_progress_bar=True, **limits).fit(BoringModel())
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("epoch")] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
+
+    bar = LiveBar(leave=True)  # each epoch's bar stays on the screen
+    tiny_trainer(callbacks=[bar], enable_progress_bar=True, **limits).fit(BoringModel())
+    shown = capsys.readouterr().out
+    assert "epoch 1/2" in shown and "epoch 2/2" in shown
+    assert "Epoch" not in shown and "epoch 0" not in shown

@@ -340,7 +340,7 @@ def print_leaderboard(
 def _progress(run: Run) -> str:
     metric = run.monitor.get("metric")
     history = run.history(metric) if metric else []
-    return f"at epoch {history[-1][0]}, {metric} {history[-1][1]:.4f}" if history else ""
+    return f"at epoch {history[-1][0] + 1}, {metric} {history[-1][1]:.4f}" if history else ""
 
 
 def plot_lr(runs: list[Run], metric: str, path: Path) -> None:

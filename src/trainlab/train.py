@@ -183,8 +183,14 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | No
                 print(f"resume=restart: starting over; the earlier files are kept in {kept}")
         return None, None, {}
     changes = checkpoint.check_config(ckpt, path, cfg)
-    print(f"Resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}).")
+    print(f"Resuming from {path} (saved in {_saved_in(ckpt)}, step {ckpt.get('global_step')}).")
     return path, ckpt[checkpoint.KEY].get("wandb_id"), changes
+
+
+def _saved_in(ckpt: dict) -> str:
+    from trainlab.callbacks.progress import epoch_label
+
+    return epoch_label(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else "epoch ?"
 
 
 def _finish_wandb() -> None:

@@ -161,3 +161,54 @@ def test_the_live_bar_and_the_log_lines_count_epochs_alike(capsys):
     shown = capsys.readouterr().out
     assert "epoch 1/2" in shown and "epoch 2/2" in shown
     assert "Epoch" not in shown and "epoch 0" not in shown
+
+
+USUAL = {
+    "early_stopping": "EarlyStopping",
+    "model_summary": "RichModelSummary",
+    "swa": "StochasticWeightAveraging",
+    "timer": "Timer",
+}
+
+
+def test_each_usual_callback_is_one_override_away(compose):
+    from hydra.utils import instantiate
+
+    for name, cls in USUAL.items():
+        cfg = compose(f"callbacks=[default,{name}]", "monitor.metric=val/loss", "monitor.mode=min")
+        assert set(cfg.callbacks) >= OWN | {"checkpoint", name}  # added to the others
+        assert type(instantiate(cfg.callbacks[name])).__name__ == cls
+    stopping = instantiate(compose("callbacks=[none,early_stopping]").callbacks.early_stopping)
+    assert (stopping.monitor, stopping.mode) == ("val/acc", "max")  # monitor.*, as configured
+
+
+def test_early_stopping_stops_a_run_whose_metric_stalls(compose, tmp_path):
+    cfg = compose(
+        "callbacks=[default,early_stopping]",
+        "callbacks.early_stopping.patience=2",
+        "optimizer.lr=1e-12",  # the weights all but frozen: val/acc the same every epoch
+        "scheduler=none",
+        "logger=csv",
+        "trainer.max_epochs=10",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=1",
+    )
+    record = train(cfg, tmp_path / "run")
+    assert record["status"] == "finished" and "test/acc" in record  # a normal end, tested
+    assert record["epochs"] == 3  # the best at epoch 1, then two epochs without a gain
+
+
+@pytest.mark.slow  # a short run; each builds in the composition test above
+def test_the_other_usual_callbacks_run(compose, tmp_path, capsys):
+    cfg = compose(
+        "callbacks=[default,model_summary,swa,timer]",
+        "logger=csv",
+        "test=false",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+    )
+    record = train(cfg, tmp_path / "run")
+    assert record["status"] == "finished" and record["epochs"] == 2
+    assert "Trainable params" in capsys.readouterr().out  # the model summary's table

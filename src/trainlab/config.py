@@ -321,7 +321,7 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
             _check_group_option(o)
             sign = "++" if o.is_force_add() else "+" if o.is_add() else ""  # keep +model=mlp
             prefix = f"{sign}{key}{_package(o)}="  # model@where=mlp
-            options = _values(o)
+            options = [_option_text(v) for v in _values(o)]
             if len(options) > 1:
                 swept_groups[len(group_overrides)] = [f"{prefix}{v}" for v in options]
             group_overrides.append(f"{prefix}{options[0]}")
@@ -461,9 +461,16 @@ def _unquoted(value: Any) -> Any:
     return value
 
 
+def _option_text(value: Any) -> str:
+    """A group's option as an override writes it: `mlp`, or a list of options `[default,swa]`."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+
 def _check_group_option(o: Any) -> None:
     group, options = o.key_or_group, group_options(o.key_or_group)
-    for value in _values(o):
+    # a list of options composes them all: callbacks=[default,early_stopping]
+    chosen = [v for value in _values(o) for v in (value if isinstance(value, list) else [value])]
+    for value in chosen:
         if value is None or value in options:
             continue
         close = difflib.get_close_matches(str(value), options, n=1)

@@ -76,8 +76,9 @@ def train(
     if cfg.get("compile"):
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
     config["effective_batch_size"], config["effective_lr"] = batch_size, lr
+    hparams = run_record.flat_hparams(config, choices)
     for logger in loggers:
-        logger.log_hyperparams(run_record.flat_hparams(config, choices))
+        logger.log_hyperparams(hparams)
 
     record: dict[str, Any] = {
         "status": "running",
@@ -128,12 +129,25 @@ def train(
         record["best_ckpt"] = checkpoint.best_path(trainer)
         record["monitor"] = monitored.record()
         if trainer.is_global_zero:
+            _log_ranked_hparams(loggers, run_record.chosen_hparams(hparams, overrides), record)
             try:
                 run_record.write_json(run_dir / run_record.METRICS_FILE, record)
             except OSError as e:  # e.g. the disk is full: report it, keep the original error
                 print(f"could not write {run_dir / run_record.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()
     return record
+
+
+def _log_ranked_hparams(loggers: list, hparams: dict[str, Any], record: dict[str, Any]) -> None:
+    """TensorBoard's HParams of the ended run (trainlab.loggers.log_ranked_hparams); a failure
+    to write them is reported, never put in place of the run's own outcome."""
+    from trainlab import run_record
+    from trainlab.loggers import log_ranked_hparams
+
+    try:
+        log_ranked_hparams(loggers, hparams, run_record.ranked_metrics(record), record["steps"])
+    except Exception as e:
+        print(f"could not write TensorBoard's HParams: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _callbacks(cfg: DictConfig, run_info) -> list:
@@ -227,7 +241,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 overrides=list(hc.overrides.task),
                 choices=dict(hc.runtime.choices),
                 wandb_group=sweep,
-                wandb_name=hc.job.override_dirname or None,
+                wandb_name=_job_name(hc) if sweep else hc.job.override_dirname or None,
             )
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
@@ -242,6 +256,27 @@ def main() -> None:
     `--dry-run` lists the jobs a sweep would run (their overrides and their number) and stops.
     """
     cli.run("train", _hydra_main)
+
+
+def _job_name(hc: Any) -> str | None:
+    """A sweep's job named by what it changes: its overrides but those that every job of the
+    sweep gets (the sweep's command line, in its sweep.json, sets them once for all)."""
+    import json
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = list(hc.overrides.task)
+    try:
+        # a job runs on its own (as a single run) in <sweep dir>/<number>
+        summary = Path(hc.runtime.output_dir).parent / process_launcher.SUMMARY_FILE
+        command = [a for a in json.loads(summary.read_text())["command"] if not a.startswith("-")]
+        parsed = OverridesParser.create().parse_overrides(command)
+    except Exception:  # no sweep.json (another launcher), or a command Hydra reads otherwise
+        return hc.job.override_dirname or None
+    shared = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    parser = OverridesParser.create()
+    own = [o for o in overrides if parser.parse_override(o).key_or_group not in shared]
+    return ",".join(own) or hc.job.override_dirname or None
 
 
 def _finished_already(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict | None:

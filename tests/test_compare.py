@@ -100,3 +100,22 @@ def test_a_folder_without_runs_says_what_it_looked_for(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: no runs found under empty: a run's directory holds")
     assert "Traceback" not in result.stderr
+
+
+def test_the_page_links_each_run_and_has_a_column_per_swept_key(sweep, tmp_path):
+    import re
+    from urllib.parse import unquote
+
+    found = compare([sweep], None, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    heads = re.findall(r"<th>([^<]*)</th>", page)
+    assert heads[:3] == ["#", "optimizer.lr", "runs"] and "val/acc_best" in heads
+    lrs = re.findall(r"<tr title=[^>]*><td>\d+</td><td>([^<]*)</td>", page)
+    assert sorted(lrs) == ["0.001", "0.01", "0.03"]  # each row's swept value in its column
+    links = re.findall(r'<a href="([^"]+)"', page)
+    linked = {(tmp_path / "out" / unquote(href)).resolve() for href in links}
+    assert linked == {run.dir.resolve() for run in found["runs"]}  # relative: opens offline
+    assert page.count('<polyline class="run"') == 3  # the parallel coordinates, a line a run
+    assert page.count("<svg width=") == 3  # each run's curve of val/acc in its row
+    assert "onclick" not in page and "addEventListener('click'" in page  # sortable
+    assert not re.search(r"(src|href)=\"https?:", page)  # nothing fetched: one offline file

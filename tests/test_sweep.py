@@ -251,6 +251,10 @@ def test_compare_a_finished_sweep(grid, tmp_path):
     assert page.count("data:image/png;base64,") == 2
     for row in rows:
         assert row["overrides"] in page
+    for key in ("optimizer.lr", "data.batch_size"):  # a sortable column per swept key
+        assert f"<th>{key}</th>" in page
+    for job in job_dirs(grid):
+        assert f'<a href="{os.path.relpath(job, tmp_path)}/"' in page
 
 
 def test_compare_a_partly_failed_sweep_from_the_command_line(failing_grid, tmp_path):

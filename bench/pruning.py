@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainlab.commands import override
+from trainlab.engine.commands import override
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -51,11 +51,11 @@ from hydra.utils import instantiate
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
-from trainlab import compute
-from trainlab.commands import override
 from trainlab.data.augment import crop_flip
 from trainlab.data.vision import CIFAR10DataModule
-from trainlab.schedulers import cosine
+from trainlab.engine import compute
+from trainlab.engine.commands import override
+from trainlab.models.schedulers import cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ROOT / "bench" / "data"  # generated stand-ins, never mixed with real data
@@ -176,7 +176,7 @@ class Case:
 def compose(*overrides: str):
     from hydra import initialize_config_dir
 
-    from trainlab.config import CONF_DIR, compose_with_parameters
+    from trainlab.engine.config import CONF_DIR, compose_with_parameters
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="bench"):
         return compose_with_parameters("train", list(overrides))
@@ -185,7 +185,7 @@ def compose(*overrides: str):
 def allow_bench_targets() -> None:
     """train() builds only the _target_s that conf/ names; the benchmark's timers, data and
     model variants live here, in this process: allowed for it alone."""
-    from trainlab import config
+    from trainlab.engine import config
 
     here = vars(sys.modules["__main__"])
     allowed = config.known_targets() | {
@@ -548,17 +548,17 @@ def live_progress_bar(bar: str):
     import rich
     from lightning.pytorch.callbacks import RichProgressBar
 
-    import trainlab.callbacks.progress
+    import trainlab.engine.callbacks.progress
 
-    saved = trainlab.callbacks.progress.progress_bar
-    cls = trainlab.callbacks.progress.LiveBar if bar == "template" else RichProgressBar
+    saved = trainlab.engine.callbacks.progress.progress_bar
+    cls = trainlab.engine.callbacks.progress.LiveBar if bar == "template" else RichProgressBar
     with open(os.devnull, "w") as devnull:
         console = {"file": devnull, "force_terminal": True, "width": 120}
-        trainlab.callbacks.progress.progress_bar = lambda: cls(console_kwargs=console)
+        trainlab.engine.callbacks.progress.progress_bar = lambda: cls(console_kwargs=console)
         try:
             yield
         finally:
-            trainlab.callbacks.progress.progress_bar = saved
+            trainlab.engine.callbacks.progress.progress_bar = saved
             rich.reconfigure()  # the bar pointed Rich's shared console at /dev/null
 
 
@@ -783,7 +783,7 @@ def _per_step_variants():
     import torch.nn.functional as F  # noqa: N812
     from torchmetrics.classification import MulticlassAccuracy
 
-    from trainlab.classifier import Classifier
+    from trainlab.models.classifier import Classifier
 
     class LogEveryStep(Classifier):
         def training_step(self, batch, batch_idx):

@@ -34,7 +34,7 @@ def compose(tmp_path):
     """compose(*overrides, config="train") -> DictConfig with data and logs inside tmp_path."""
     from hydra import initialize_config_dir
 
-    from trainlab.config import CONF_DIR, compose_with_parameters
+    from trainlab.engine.config import CONF_DIR, compose_with_parameters
 
     def _compose(*overrides: str, config: str = "train"):
         base = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
@@ -50,12 +50,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, **extra}
 
 
-# Runs of `python -m trainlab.<entry point>` fork from one warm server (trainlab.warm) that has
+# Runs of `python -m trainlab.<entry point>` fork from one warm server (engine.warm) that has
 # imported torch, Lightning and the project once for the whole session: each is still a process
 # of its own (own pid, session, signals, exit code) and skips ~5 s of imports. A run with an
 # environment of its own (`env=`), or `cold=True` (what a fresh interpreter does is the point),
 # starts a fresh interpreter; TRAINLAB_TESTS_COLD=1 starts every run so.
-_server = None  # trainlab.warm.Server once started; False where runs start cold
+_server = None  # trainlab.engine.warm.Server once started; False where runs start cold
 _outputs = Path(tempfile.mkdtemp(prefix="trainlab-tests-"))  # the warm runs' stdout and stderr
 atexit.register(shutil.rmtree, _outputs, ignore_errors=True)
 
@@ -63,7 +63,7 @@ atexit.register(shutil.rmtree, _outputs, ignore_errors=True)
 def _warm_server():
     global _server
     if _server is None:
-        from trainlab import warm
+        from trainlab.engine import warm
 
         wanted = warm.available() and os.environ.get("TRAINLAB_TESTS_COLD") != "1"
         _server = warm.Server() if wanted else False

@@ -13,9 +13,9 @@ from conftest import run_cli, tiny_trainer
 from hydra.utils import instantiate
 
 from trainlab.data.text import ConsecutiveWindows, TextDataModule
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
 from trainlab.eval import evaluate
-from trainlab.language_model import LanguageModel
+from trainlab.models.language_model import LanguageModel
 from trainlab.nets.gpt import GPT
 from trainlab.train import train
 

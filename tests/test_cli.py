@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import run_cli
 
-from trainlab.config import group_options
+from trainlab.engine.config import group_options
 
 MODELS = ", ".join(group_options("model"))  # as the message lists them
 
@@ -70,7 +70,7 @@ def test_bad_value_in_a_multirun_stops_before_any_job(tmp_path):
 
 
 def test_added_key_with_plus_is_accepted_by_the_check(tmp_path):
-    from trainlab.config import check_command_line
+    from trainlab.engine.config import check_command_line
 
     check_command_line(
         "train", ["+trainer.gradient_clip_val=0.5", "optimizer=sgd", "optimizer.momentum=0.8"]
@@ -89,7 +89,7 @@ def test_a_parameter_no_yaml_writes_reaches_the_run(tmp_path):
 def test_the_check_reads_parameters_without_importing_torch():
     # the targets' sources are parsed, not imported: a typo costs no torch import
     probe = (
-        "import sys; from trainlab.config import check_command_line as check; "
+        "import sys; from trainlab.engine.config import check_command_line as check; "
         "check('train', ['data.per_device=true', 'trainer.benchmark=true', 'model=cnn']); "
         "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
     )
@@ -98,8 +98,8 @@ def test_the_check_reads_parameters_without_importing_torch():
 
 def test_code_no_config_names_is_never_looked_into():
     # subprocess.Popen takes `args`, but no file in conf/ names it: the key stays unknown
-    from trainlab.config import _constructor_parameter
-    from trainlab.parameters import parameters
+    from trainlab.engine.config import _constructor_parameter
+    from trainlab.engine.parameters import parameters
 
     assert "args" in parameters("subprocess.Popen")
     assert _constructor_parameter({"x": {"_target_": "subprocess.Popen"}}, "x.args") is None

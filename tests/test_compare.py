@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from trainlab.compare import compare
+from trainlab.engine.compare import compare
 
 
 @pytest.fixture(scope="module")

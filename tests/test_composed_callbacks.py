@@ -1,6 +1,6 @@
 """trainlab's own callbacks come from conf/callbacks/ like Lightning's, stay with callbacks=none,
 and get what only the run knows through callback.run_info; the command line before Hydra
-(trainlab.cli) and the sweep report that reads the sweep's own record."""
+(trainlab.engine.cli) and the sweep report that reads the sweep's own record."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainlab import cli
-from trainlab.callbacks.checkpoints import LastCheckpoint
-from trainlab.config import CONF_DIR, group_options, known_targets
+from trainlab.engine import cli
+from trainlab.engine.callbacks.checkpoints import LastCheckpoint
+from trainlab.engine.config import CONF_DIR, group_options, known_targets
 from trainlab.train import train
 
 OWN = {
@@ -132,13 +132,13 @@ def test_a_sweep_is_reported_from_its_own_record_only(tmp_path, capsys):
 
 
 def test_a_checkpoint_naming_the_profilers_old_place_still_reads(tmp_path):
-    from trainlab import checkpoint
+    from trainlab.engine import checkpoint
 
-    old = {"trainer": {"profiler": {"_target_": "trainlab.callbacks.NullProfiler"}}}
+    old = {"trainer": {"profiler": {"_target_": "trainlab.engine.callbacks.NullProfiler"}}}
     torch.save({"trainlab": {"config": old}, "state_dict": {}}, tmp_path / "old.ckpt")
     ckpt = checkpoint.read(tmp_path / "old.ckpt")
     profiler = ckpt["trainlab"]["config"]["trainer"]["profiler"]
-    assert profiler["_target_"] == "trainlab.profiler.NullProfiler"
+    assert profiler["_target_"] == "trainlab.engine.profiler.NullProfiler"
 
 
 def test_the_live_bar_and_the_log_lines_count_epochs_alike(capsys):
@@ -146,7 +146,7 @@ def test_the_live_bar_and_the_log_lines_count_epochs_alike(capsys):
     from conftest import tiny_trainer
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from trainlab.callbacks.progress import EpochLines, LiveBar
+    from trainlab.engine.callbacks.progress import EpochLines, LiveBar
 
     limits = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1}
     tiny_trainer(callbacks=[EpochLines()], enable_progress_bar=True, **limits).fit(BoringModel())

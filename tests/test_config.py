@@ -5,8 +5,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from trainlab.config import CONF_DIR, check_targets, check_values, group_options
-from trainlab.loggers import build_loggers
+from trainlab.engine.config import CONF_DIR, check_targets, check_values, group_options
+from trainlab.engine.loggers import build_loggers
 from trainlab.train import _finish_wandb
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
@@ -37,9 +37,9 @@ def test_groups_named_by_the_template_exist():
 
 def check_output_shape(model, cfg) -> None:
     """The model maps a batch of its data's inputs to the outputs its kind promises."""
-    from trainlab.classifier import BinaryClassifier, Classifier
-    from trainlab.gan import GAN
-    from trainlab.language_model import LanguageModel
+    from trainlab.models.classifier import BinaryClassifier, Classifier
+    from trainlab.models.gan import GAN
+    from trainlab.models.language_model import LanguageModel
 
     if isinstance(model, LanguageModel):
         tokens = torch.zeros(2, cfg.data.block_size, dtype=torch.long)
@@ -139,8 +139,8 @@ def test_experiment_overrides_groups_and_values(compose):
 
 
 def test_onecycle_too_short_to_warm_up_says_what_to_do():
-    from trainlab.errors import UserError
-    from trainlab.schedulers import onecycle
+    from trainlab.engine.errors import UserError
+    from trainlab.models.schedulers import onecycle
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     with pytest.raises(UserError, match="only 4 optimizer steps.*scheduler=cosine"):
@@ -158,7 +158,7 @@ def test_every_key_a_config_writes_is_a_parameter_of_its_target(compose):
     """The command-line check takes a key that no YAML file writes for a parameter of the
     `_target_` above it; the converse: every key a data or model config writes under a
     `_target_` is one the target takes, so none sets a misspelt or stale parameter."""
-    from trainlab.parameters import parameters
+    from trainlab.engine.parameters import parameters
 
     def unknown(node, path):
         if isinstance(node, dict):
@@ -178,7 +178,7 @@ def test_every_key_a_config_writes_is_a_parameter_of_its_target(compose):
 
 
 def test_a_key_no_yaml_writes_is_set_through_the_targets_parameters(compose):
-    from trainlab.config import check_command_line
+    from trainlab.engine.config import check_command_line
 
     argv = ["data=mnist", "data.per_device=true", "model.channels_last=true", "optimizer.lr=0.1"]
     marked = check_command_line("train", argv)
@@ -191,8 +191,8 @@ def test_a_key_no_yaml_writes_is_set_through_the_targets_parameters(compose):
 
 
 def test_a_checkpoint_that_names_old_target_paths_still_loads(compose, tmp_path):
-    from trainlab import checkpoint
-    from trainlab.config import MOVED_TARGETS
+    from trainlab.engine import checkpoint
+    from trainlab.engine.config import MOVED_TARGETS
 
     cfg = compose("model=cnn")
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))
@@ -212,7 +212,7 @@ def test_a_checkpoint_that_names_old_target_paths_still_loads(compose, tmp_path)
 
 
 def test_a_resumed_run_compares_parameters_no_yaml_writes_with_their_defaults(compose):
-    from trainlab.checkpoint import config_changes
+    from trainlab.engine.checkpoint import config_changes
 
     current = OmegaConf.to_container(compose(), resolve=True)
     stored = OmegaConf.to_container(compose("data.per_device=true"), resolve=True)

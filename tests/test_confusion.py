@@ -11,7 +11,7 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from trainlab.callbacks.confusion import ConfusionMatrix
+from trainlab.engine.callbacks.confusion import ConfusionMatrix
 from trainlab.eval import evaluate
 from trainlab.train import train
 
@@ -36,7 +36,7 @@ def digits_run(tmp_path_factory):
     """Two epochs on digits, logged to TensorBoard: (run dir, metrics.json, split sizes)."""
     from hydra import compose, initialize_config_dir
 
-    from trainlab.config import CONF_DIR
+    from trainlab.engine.config import CONF_DIR
 
     root = tmp_path_factory.mktemp("confusion")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

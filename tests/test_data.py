@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from torchvision import datasets
 
 from trainlab.data import InMemoryDataModule
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
 from trainlab.train import train
 
 N_TRAIN, N_TEST, N_VAL = 64, 32, 8
@@ -539,7 +539,7 @@ def test_early_stopping_on_a_validation_metric_is_off_without_validation(tmp_pat
 
     import lightning.pytorch as pl
 
-    from trainlab.classifier import Classifier
+    from trainlab.models.classifier import Classifier
     from trainlab.nets import MLP
 
     dm = Signals(batch_size=8, num_classes=3, input_shape=[2, 40], val_size=0)
@@ -614,7 +614,7 @@ def test_statistics_from_the_data_replace_an_image_sets_own(compose):
 
 
 def test_deploying_a_model_of_features_is_refused_in_one_line(compose, tmp_path):
-    from trainlab.deploy import from_checkpoint
+    from trainlab.engine.deploy import from_checkpoint
 
     overrides = ["experiment=wine_mlp", "logger=csv", "trainer.max_epochs=1", "test=false"]
     record = train(compose(*overrides), tmp_path / "run")

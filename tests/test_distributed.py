@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import child_env, run_cli
 
-from trainlab import checkpoint
-from trainlab.errors import UserError
+from trainlab.engine import checkpoint
+from trainlab.engine.errors import UserError
 from trainlab.train import _effective_batch_size_and_lr
 
 DDP = ("trainer=ddp_cpu", "trainer.devices=2", "debug=limit")
@@ -156,7 +156,7 @@ def test_slurm_submission_script_carries_the_configured_resources(tmp_path, monk
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
-    from trainlab.config import CONF_DIR
+    from trainlab.engine.config import CONF_DIR
 
     # submitit looks for srun to believe it is on a cluster; nothing is submitted here
     fake_srun = tmp_path / "bin" / "srun"

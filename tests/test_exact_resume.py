@@ -24,12 +24,12 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from trainlab.callbacks import RunInfo, checkpoints
 from trainlab.data.augment import crop_flip, per_sample_crop_flip
-from trainlab.data.base import _Transformed
-from trainlab.data.memory import MemoryLoader
-from trainlab.data.resumable import ResumableDataLoader
 from trainlab.data.text import RandomWindows
+from trainlab.engine.callbacks import RunInfo, checkpoints
+from trainlab.engine.datamodule import _Transformed
+from trainlab.engine.memory import MemoryLoader
+from trainlab.engine.resumable import ResumableDataLoader
 
 # --- the loaders' state: k batches, state_dict, a new loader, the rest -----------------------
 

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from test_folder_data import write_images, write_lists
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainlab.classifier import BinaryClassifier
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
+from trainlab.models.classifier import BinaryClassifier
 from trainlab.nets.cnn import SmallCNN
 from trainlab.train import train
 

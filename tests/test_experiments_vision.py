@@ -20,8 +20,8 @@ from test_data import N_VAL, accept_cifar10_checksums, write_cifar10, write_mnis
 from torch import nn
 from torchvision.models import resnet18 as torchvision_resnet18
 
-from trainlab.config import check_command_line
-from trainlab.errors import UserError
+from trainlab.engine.config import check_command_line
+from trainlab.engine.errors import UserError
 from trainlab.nets.cnn_classic import ClassicCNN
 from trainlab.nets.resnet import resnet18
 from trainlab.nets.rnn import RowRNN
@@ -179,11 +179,11 @@ def test_recipes(compose):
     resnet = compose("experiment=cifar10_resnet18")
     assert resnet.optimizer.lr == 0.1 and resnet.optimizer.nesterov
     assert resnet.optimizer.weight_decay == 5e-4 and resnet.data.augment
-    assert resnet.scheduler._target_ == "trainlab.schedulers.cosine"
+    assert resnet.scheduler._target_ == "trainlab.models.schedulers.cosine"
     assert resnet.lr_scaling.base_batch_size == 128 and resnet.data.batch_size == 128
     vit = compose("experiment=mnist_vit")
     assert vit.model.net.patch_size == 7 and vit.optimizer._target_ == "torch.optim.AdamW"
-    assert vit.scheduler._target_ == "trainlab.schedulers.cosine"
+    assert vit.scheduler._target_ == "trainlab.models.schedulers.cosine"
 
 
 def test_gru_by_config(compose):

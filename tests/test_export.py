@@ -19,10 +19,10 @@ from hydra.utils import instantiate
 from PIL import Image
 from test_folder_data import write_images
 
-from trainlab import checkpoint
-from trainlab.config import check_command_line
-from trainlab.deploy import from_checkpoint
-from trainlab.errors import UserError
+from trainlab.engine import checkpoint
+from trainlab.engine.config import check_command_line
+from trainlab.engine.deploy import from_checkpoint
+from trainlab.engine.errors import UserError
 from trainlab.export import export
 from trainlab.predict import classify, load_model, predict, read_images
 from trainlab.train import train
@@ -35,7 +35,7 @@ def compose_config(config: str, *overrides: str):
     """Hydra composition for module-scoped fixtures (conftest's `compose` is per test)."""
     from hydra import initialize_config_dir
 
-    from trainlab.config import CONF_DIR, compose_with_parameters
+    from trainlab.engine.config import CONF_DIR, compose_with_parameters
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="test"):
         return compose_with_parameters(config, list(overrides))

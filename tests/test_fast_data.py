@@ -19,11 +19,11 @@ from hydra.utils import instantiate
 from test_data import accept_cifar10_checksums, write_cifar10
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from trainlab.classifier import Classifier
 from trainlab.data import DigitsDataModule
 from trainlab.data.augment import crop_flip, per_sample_crop_flip
-from trainlab.data.memory import MemoryLoader
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
+from trainlab.engine.memory import MemoryLoader
+from trainlab.models.classifier import Classifier
 from trainlab.nets import MLP
 
 

@@ -85,10 +85,10 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
 
 
 # Writes 5000 rows to metrics.csv, then adds a column after each new row: each addition
-# rewrites the whole file (Lightning's writer, trainlab.loggers.RunCSVLogger), again and again.
+# rewrites the whole file (Lightning's writer, engine.loggers.RunCSVLogger), again and again.
 REWRITING = """
 import sys
-from trainlab.loggers import RunCSVLogger
+from trainlab.engine.loggers import RunCSVLogger
 logger = RunCSVLogger(save_dir=sys.argv[1], name="", version="")
 for step in range(5000):
     logger.log_metrics({"loss": 1.0}, step=step)
@@ -117,7 +117,7 @@ def test_metrics_csv_keeps_every_row_when_killed_while_adding_a_column(tmp_path)
     assert len(rows) >= 5000 and [r["step"] for r in rows[:3]] == ["0", "1", "2"]
 
     # a run resumed in that directory appends to the history and clears the half-written copy
-    from trainlab.loggers import RunCSVLogger
+    from trainlab.engine.loggers import RunCSVLogger
 
     logger = RunCSVLogger(save_dir=tmp_path, name="", version="")
     logger.log_metrics({"loss": 0.5, "new": 1.0}, step=10**9)

@@ -11,7 +11,7 @@ from conftest import run_cli
 from hydra.utils import instantiate
 from PIL import Image
 
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
 from trainlab.train import train
 
 

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from test_data import N_VAL, write_mnist
 from torchvision.io import read_image
 
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
 from trainlab.eval import evaluate
 from trainlab.nets.dcgan import Discriminator, Generator
 from trainlab.train import train

@@ -11,8 +11,8 @@ import torch
 import yaml
 from conftest import run_cli
 
-from trainlab.compare import compare
-from trainlab.errors import UserError
+from trainlab.engine.compare import compare
+from trainlab.engine.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_monitor_mode_is_checked_in_one_line(tmp_path):
 
 
 def test_the_wandb_sweep_optimises_the_monitor():
-    from trainlab.wandb_sweep import definition
+    from trainlab.engine.wandb_sweep import definition
 
     search = "hparams_search=optuna_lr_batch"
     assert definition([search])["metric"] == {"name": "val/acc", "goal": "maximize"}

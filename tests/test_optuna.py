@@ -10,7 +10,7 @@ import pytest
 from conftest import child_env, run_cli
 
 from hydra_plugins.trainlab_sweeps.optuna_sweeper import STORAGE_FILE, storage_url
-from trainlab.compare import compare
+from trainlab.engine.compare import compare
 
 SEARCH = ("hparams_search=optuna_lr_batch", "logger=csv", "test=false")
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import child_env, run_cli, start_cli
 
-from trainlab.config import check_command_line
-from trainlab.run_dirs import claim, newest_first
+from trainlab.engine.config import check_command_line
+from trainlab.engine.run_dirs import claim, newest_first
 
 QUICK = ("logger=csv", "test=false", "debug=limit")
 ODD = "my runs/été 1"  # a log dir with a space and non-ASCII letters

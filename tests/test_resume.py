@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import run_cli, start_cli
 
-from trainlab.checkpoint import config_changes
+from trainlab.engine.checkpoint import config_changes
 from trainlab.train import train
 
 STEPS_PER_EPOCH = 21  # 1293 training digits in batches of 64
@@ -185,7 +185,7 @@ def test_changed_lr_on_resume_is_refused_unless_allowed_then_applied(compose, tm
 def test_config_changes_leave_bookkeeping_out_and_see_a_section_replaced():
     stored = {
         "optimizer": {"_target_": "torch.optim.Adam", "lr": 0.001},
-        "scheduler": {"_target_": "trainlab.schedulers.cosine", "warmup_steps": 0},
+        "scheduler": {"_target_": "trainlab.models.schedulers.cosine", "warmup_steps": 0},
         "data": {"data_dir": "/old/data", "batch_size": 64},
         "paths": {"log_dir": "/old/logs"},
         "tags": [],

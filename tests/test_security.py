@@ -10,8 +10,13 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
-from trainlab.config import check_command_line, check_sweep_params, check_targets, check_values
-from trainlab.errors import UserError
+from trainlab.engine.config import (
+    check_command_line,
+    check_sweep_params,
+    check_targets,
+    check_values,
+)
+from trainlab.engine.errors import UserError
 
 OPEN = "{_target_:builtins.open,file:pwned.txt,mode:w}"
 OPEN_YAML = "{_target_: builtins.open, file: pwned.txt, mode: w}"
@@ -134,7 +139,7 @@ def tampered_checkpoint(tmp_path):
     ckpt = tmp_path / "tampered.ckpt"
     config = {
         "model": {
-            "_target_": "trainlab.classifier.Classifier",
+            "_target_": "trainlab.models.classifier.Classifier",
             "net": {"_target_": "builtins.open", "file": "pwned.txt", "mode": "w"},
         }
     }
@@ -143,7 +148,7 @@ def tampered_checkpoint(tmp_path):
 
 
 def test_every_checkpoint_read_checks_its_stored_config(tmp_path):
-    from trainlab import checkpoint
+    from trainlab.engine import checkpoint
 
     with pytest.raises(UserError, match=r"asks to build 'builtins.open' \(at model.net._target_"):
         checkpoint.read(tampered_checkpoint(tmp_path))
@@ -230,7 +235,7 @@ def test_ready_sweeps_pass():
 
 
 def test_wandb_sweep_definitions_are_checked(tmp_path):
-    from trainlab.wandb_sweep import check_definition, definition
+    from trainlab.engine.wandb_sweep import check_definition, definition
 
     sweep = definition(["hparams_search=optuna_lr_batch", "trainer.max_epochs=3"])
     check_definition(sweep, "sweep.yaml")  # what trainlab writes passes

@@ -18,12 +18,12 @@ import torch
 from conftest import tiny_trainer
 from hydra.utils import instantiate
 
-from trainlab.callbacks.progress import LiveBar
-from trainlab.classifier import Classifier
-from trainlab.compute import NVML_CHECK, torch_cuda_check
-from trainlab.module import TrainlabModule
+from trainlab.engine.callbacks.progress import LiveBar
+from trainlab.engine.compute import NVML_CHECK, torch_cuda_check
+from trainlab.engine.module import TrainlabModule
+from trainlab.engine.profiler import NullProfiler
+from trainlab.models.classifier import Classifier
 from trainlab.nets import MLP, SmallCNN
-from trainlab.profiler import NullProfiler
 from trainlab.train import train
 
 
@@ -96,7 +96,7 @@ def test_each_epoch_line_shows_that_epochs_training_loss(compose, tmp_path, caps
 def allow_test_callbacks(monkeypatch):
     """Let the run's config build this file's recording callbacks: the allow-list builds only
     targets that conf/ names, and these exist for the tests alone."""
-    from trainlab import config
+    from trainlab.engine import config
 
     named = config.known_targets()
     extra = {f"{__name__}.RecordCudaCheck", f"{__name__}.RecordMode"}

@@ -15,8 +15,8 @@ from conftest import run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from trainlab.callbacks import RunInfo, checkpoints
-from trainlab.errors import UserError
+from trainlab.engine.callbacks import RunInfo, checkpoints
+from trainlab.engine.errors import UserError
 
 PER_EPOCH = 21  # digits' training split in batches of 64: blocks of 4 leave one of 1
 
@@ -31,7 +31,7 @@ class Record(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         # torch's own hook, not Lightning's: one that Lightning dispatches would make blocks
-        # take Lightning's per-step wrappers (trainlab.blocks.direct), which is not the point
+        # take Lightning's per-step wrappers (trainlab.engine.blocks.direct), which is not the point
         trainer.optimizers[0].register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer, args, kwargs):
@@ -193,7 +193,7 @@ def test_an_integer_val_check_interval_validates_at_the_same_steps(compose):
 
 
 def test_the_divergence_guard_names_the_same_step(compose, tmp_path):
-    from trainlab.callbacks.guards import StopOnNonFiniteLoss
+    from trainlab.engine.callbacks.guards import StopOnNonFiniteLoss
 
     cfg = compose("optimizer.lr=50", "scheduler=none")
     errors = []

@@ -14,7 +14,7 @@ import yaml
 from conftest import run_cli, start_cli
 
 from hydra_plugins.trainlab_sweeps.process_launcher import gpu_slots
-from trainlab.compare import compare
+from trainlab.engine.compare import compare
 
 FAST = ("debug=limit", "logger=csv")
 
@@ -292,8 +292,8 @@ def test_a_glob_sweep_lists_each_matching_experiment(tmp_path):
 
 def test_sweep_syntaxes_are_checked_as_they_expand():
     from hydra_plugins.trainlab_sweeps.optuna_sweeper import search_space
-    from trainlab.config import check_command_line
-    from trainlab.errors import UserError
+    from trainlab.engine.config import check_command_line
+    from trainlab.engine.errors import UserError
 
     argv = ["-m", "optimizer=glob(adam*)", "model=choice(mlp,cnn)", "optimizer.lr=range(1,3)"]
     assert check_command_line("train", argv) == argv

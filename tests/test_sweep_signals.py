@@ -21,8 +21,8 @@ import pytest
 from conftest import run_cli, start_cli, stderr_of
 
 from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV, launcher_alive, sweep_status
-from trainlab.commands import override
-from trainlab.compare import compare
+from trainlab.engine.commands import override
+from trainlab.engine.compare import compare
 
 TWO_DONE = "trainer.max_epochs=2,3,40,41"
 NONE_DONE = "trainer.max_epochs=40,41,42,43"

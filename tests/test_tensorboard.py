@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_data import N_VAL, accept_cifar10_checksums, write_cifar10, write_mnist
 from test_folder_data import write_images, write_lists
 
-from trainlab.config import group_options
+from trainlab.engine.config import group_options
 from trainlab.train import train
 
 EXPERIMENTS = group_options("experiment")
@@ -44,8 +44,8 @@ def write_tiny_data(data: dict, data_dir: Path, monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_logs_its_curves_to_tensorboard(compose, tmp_path, monkeypatch, name):
-    from trainlab.gan import GAN
-    from trainlab.language_model import LanguageModel
+    from trainlab.models.gan import GAN
+    from trainlab.models.language_model import LanguageModel
 
     planned = compose(f"experiment={name}")
     data = write_tiny_data(dict(planned.data), tmp_path / "data", monkeypatch)
@@ -81,7 +81,7 @@ def test_a_tensorboard_sweep_ranks_its_runs_in_the_hparams_tab(tmp_path):
     from conftest import run_cli
     from tensorboard.plugins.hparams import metadata
 
-    from trainlab.config import is_bookkeeping
+    from trainlab.engine.config import is_bookkeeping
 
     args = (
         "-m",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import run_cli
 
-from trainlab import checkpoint
-from trainlab.errors import UserError
+from trainlab.engine import checkpoint
+from trainlab.engine.errors import UserError
 from trainlab.eval import evaluate
 from trainlab.train import train
 
@@ -158,8 +158,8 @@ def test_schedule_that_needs_a_length_on_an_endless_run(compose, tmp_path):
 def test_wandb_run_gets_flat_config_group_and_name(compose, tmp_path):
     from omegaconf import OmegaConf
 
-    from trainlab.loggers import build_loggers
-    from trainlab.run_record import flat_hparams
+    from trainlab.engine.loggers import build_loggers
+    from trainlab.engine.run_record import flat_hparams
     from trainlab.train import _finish_wandb
 
     cfg = compose("optimizer=sgd", "tags=[a,b]")
@@ -193,7 +193,7 @@ def test_eval_sweeps_over_checkpoints(default_run):
 def small_checkpoint(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
-    from trainlab.config import CONF_DIR
+    from trainlab.engine.config import CONF_DIR
 
     root = tmp_path_factory.mktemp("ckpt")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

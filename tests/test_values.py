@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import run_cli, tiny_trainer
 
-from trainlab.callbacks.guards import StopOnNonFiniteLoss
-from trainlab.config import check_command_line, check_values
-from trainlab.errors import UserError
+from trainlab.engine.callbacks.guards import StopOnNonFiniteLoss
+from trainlab.engine.config import check_command_line, check_values
+from trainlab.engine.errors import UserError
 
 BAD = [
     ("data.num_workers=-3", "auto or an integer >= 0"),
@@ -95,7 +95,7 @@ def test_good_value_passes(line):
 
 
 def test_every_ready_experiment_passes_the_rules(compose):
-    from trainlab.config import CONF_DIR
+    from trainlab.engine.config import CONF_DIR
 
     for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
         check_values(compose(f"experiment={path.stem}"))
@@ -103,7 +103,7 @@ def test_every_ready_experiment_passes_the_rules(compose):
 
 @pytest.mark.slow
 def test_every_option_of_every_group_passes_the_rules(compose):
-    from trainlab.config import CONF_DIR
+    from trainlab.engine.config import CONF_DIR
 
     for group in ("model", "data", "trainer", "optimizer", "scheduler", "debug"):
         for path in sorted((CONF_DIR / group).glob("*.yaml")):

@@ -1,4 +1,4 @@
-"""Warm job start (trainlab.warm): a sweep's jobs fork from a server that has imported torch and
+"""Warm job start (engine.warm): a sweep's jobs fork from a server that has imported torch and
 Lightning, each still a process of its own. Real sweeps, real processes, real signals."""
 
 import json
@@ -25,7 +25,7 @@ def metrics(cwd: Path, job: dict) -> dict:
     return json.loads((cwd / job["dir"] / "metrics.json").read_text())
 
 
-# A sweep started from a terminal (cold) starts its server as `python -m trainlab.warm`; one
+# A sweep started from a terminal (cold) starts its server as `python -m trainlab.engine.warm`; one
 # that a warm server forked, as the other tests' sweeps are, forks its server from itself.
 @pytest.mark.parametrize("cold", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_warm_jobs_are_processes_of_their_own(tmp_path, cold):
@@ -122,7 +122,7 @@ def test_the_server_goes_with_its_sweep(tmp_path):
         time.sleep(0.05)
     job = sweep_record(tmp_path)["jobs"]["0"]
     server = psutil.Process(job["pid"]).parent()
-    assert server.pid != proc.pid and "trainlab.warm" in server.cmdline()
+    assert server.pid != proc.pid and "trainlab.engine.warm" in server.cmdline()
     proc.kill()
     proc.wait()
     psutil.wait_procs([server, psutil.Process(job["pid"])], timeout=60)
@@ -152,6 +152,6 @@ def test_a_warm_run_looks_like_a_cold_one(tmp_path):
 
     proc = start_cli("probe", "wait", cwd=tmp_path)
     assert isinstance(proc, WarmProcess) and proc.pid != os.getpid()
-    assert psutil.Process(proc.pid).parent().cmdline()[1:3] == ["-m", "trainlab.warm"]
+    assert psutil.Process(proc.pid).parent().cmdline()[1:3] == ["-m", "trainlab.engine.warm"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == -signal.SIGTERM

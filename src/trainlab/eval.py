@@ -13,9 +13,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab import cli, warm
-from trainlab.config import CONF_DIR, check_targets, check_values
-from trainlab.errors import UserError, exit_on_user_error
+from trainlab.engine import cli, warm
+from trainlab.engine.config import CONF_DIR, check_targets, check_values
+from trainlab.engine.errors import UserError, exit_on_user_error
 
 
 def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -27,10 +27,10 @@ def evaluate(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()
     from hydra.utils import instantiate
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    from trainlab import checkpoint, compute, console, run_record
-    from trainlab.callbacks.confusion import ConfusionMatrix
-    from trainlab.callbacks.progress import progress_bar
-    from trainlab.loggers import RunCSVLogger
+    from trainlab.engine import checkpoint, compute, console, run_record
+    from trainlab.engine.callbacks.confusion import ConfusionMatrix
+    from trainlab.engine.callbacks.progress import progress_bar
+    from trainlab.engine.loggers import RunCSVLogger
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check and complete the command line (trainlab.cli), then run Hydra."""
+    """Check and complete the command line (trainlab.engine.cli), then run Hydra."""
     cli.run("eval", _hydra_main)
 
 

@@ -19,9 +19,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from trainlab import cli
-from trainlab.config import CONF_DIR
-from trainlab.errors import UserError, exit_on_user_error
+from trainlab.engine import cli
+from trainlab.engine.config import CONF_DIR
+from trainlab.engine.errors import UserError, exit_on_user_error
 from trainlab.predict import METADATA_KEY, load_exported
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # and the default file names
@@ -40,7 +40,7 @@ def export(cfg: DictConfig) -> Path:
         )
     import torch
 
-    from trainlab.deploy import from_checkpoint
+    from trainlab.engine.deploy import from_checkpoint
 
     model, meta = from_checkpoint(cfg.ckpt_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check and complete the command line (trainlab.cli), then run Hydra."""
+    """Check and complete the command line (trainlab.engine.cli), then run Hydra."""
     cli.run("export", _hydra_main, sweeps=False)
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from trainlab import cli
-from trainlab.config import CONF_DIR
-from trainlab.errors import UserError, exit_on_user_error
+from trainlab.engine import cli
+from trainlab.engine.config import CONF_DIR
+from trainlab.engine.errors import UserError, exit_on_user_error
 
 # The key of the preprocessing JSON: ONNX metadata_props key, TorchScript extra file name.
 METADATA_KEY = "trainlab.json"
@@ -51,7 +51,7 @@ def load_model(path: str | Path) -> Model:
     if kind == "checkpoint":
         import torch
 
-        from trainlab.deploy import from_checkpoint
+        from trainlab.engine.deploy import from_checkpoint
 
         model, meta = from_checkpoint(path)  # reports a missing or unreadable file itself
 
@@ -214,7 +214,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Check and complete the command line (trainlab.cli), then run Hydra."""
+    """Check and complete the command line (trainlab.engine.cli), then run Hydra."""
     cli.run("predict", _hydra_main, sweeps=False)
 
 

@@ -17,10 +17,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.trainlab_sweeps import process_launcher
-from trainlab import cli, warm
-from trainlab.commands import override, train_command
-from trainlab.config import CONF_DIR, check_values
-from trainlab.errors import Interrupted, exit_on_user_error
+from trainlab.engine import cli, jobs, warm
+from trainlab.engine.commands import override, train_command
+from trainlab.engine.config import CONF_DIR, check_values
+from trainlab.engine.errors import Interrupted, exit_on_user_error
 
 
 def train(
@@ -36,12 +36,12 @@ def train(
     import lightning.pytorch as pl
     from hydra.utils import instantiate
 
-    from trainlab import checkpoint, compute, console, run_record
-    from trainlab.callbacks import RunInfo, pruning
-    from trainlab.callbacks.guards import RanksAgree
-    from trainlab.callbacks.monitor import Best
-    from trainlab.data.base import check_net_fits
-    from trainlab.loggers import build_loggers
+    from trainlab.engine import checkpoint, compute, console, run_record
+    from trainlab.engine.callbacks import RunInfo, pruning
+    from trainlab.engine.callbacks.guards import RanksAgree
+    from trainlab.engine.callbacks.monitor import Best
+    from trainlab.engine.datamodule import check_net_fits
+    from trainlab.engine.loggers import build_loggers
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def train(
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer, lr=lr), scheduler=scheduler)
     check_net_fits(model, datamodule, choices or {})  # a shape mismatch: one line, not a traceback
-    if hasattr(model, "steps_per_call"):  # a TrainlabModule: see trainlab.blocks
+    if hasattr(model, "steps_per_call"):  # a TrainlabModule: see trainlab.engine.blocks
         model.steps_per_call = cfg.get("steps_per_call", "auto")
     if cfg.get("compile"):
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
@@ -139,10 +139,10 @@ def train(
 
 
 def _log_ranked_hparams(loggers: list, hparams: dict[str, Any], record: dict[str, Any]) -> None:
-    """TensorBoard's HParams of the ended run (trainlab.loggers.log_ranked_hparams); a failure
-    to write them is reported, never put in place of the run's own outcome."""
-    from trainlab import run_record
-    from trainlab.loggers import log_ranked_hparams
+    """TensorBoard's HParams of the ended run (trainlab.engine.loggers.log_ranked_hparams); a
+    failure to write them is reported, never put in place of the run's own outcome."""
+    from trainlab.engine import run_record
+    from trainlab.engine.loggers import log_ranked_hparams
 
     try:
         log_ranked_hparams(loggers, hparams, run_record.ranked_metrics(record), record["steps"])
@@ -152,7 +152,7 @@ def _log_ranked_hparams(loggers: list, hparams: dict[str, Any], record: dict[str
 
 def _callbacks(cfg: DictConfig, run_info) -> list:
     """The callbacks conf/callbacks/ composes, Lightning's and trainlab's own, each handed
-    run_info where it has that attribute (see trainlab.callbacks.RunInfo)."""
+    run_info where it has that attribute (see trainlab.engine.callbacks.RunInfo)."""
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import Checkpoint
 
@@ -179,7 +179,7 @@ def _effective_batch_size_and_lr(cfg: DictConfig, trainer) -> tuple[int, float]:
 def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | None, dict]:
     """(checkpoint to continue from, W&B run id to continue, config changes allowed), from
     ckpt_path or resume=auto; resume=restart sets the run's earlier files aside instead."""
-    from trainlab import checkpoint
+    from trainlab.engine import checkpoint
 
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
@@ -202,7 +202,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, str | No
 
 
 def _saved_in(ckpt: dict) -> str:
-    from trainlab.callbacks.progress import epoch_label
+    from trainlab.engine.callbacks.progress import epoch_label
 
     return epoch_label(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else "epoch ?"
 
@@ -219,12 +219,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from trainlab.console import print_config
+    from trainlab.engine.console import print_config
 
     warm.wait_for_turn()  # a sweep's next job, composed ahead of its turn, waits here
     hc = HydraConfig.get()
     # A job of a sweep runs as a single run in its own process; the launcher names its sweep.
-    sweep = os.environ.get(process_launcher.SWEEP_ENV) or (
+    sweep = os.environ.get(jobs.SWEEP_ENV) or (
         Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     )
     done = _finished_already(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
@@ -250,7 +250,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Check and complete the command line (trainlab.cli), run Hydra, and exit non-zero if a
+    """Check and complete the command line (trainlab.engine.cli), run Hydra, and exit non-zero if a
     sweep was stopped or any job of it did not finish.
 
     `--dry-run` lists the jobs a sweep would run (their overrides and their number) and stops.

@@ -12,7 +12,7 @@ monitor.best), maximised or minimised as monitor.mode says unless `direction` is
 
 Pruning: with `pruner=median` (or hyperband, successive_halving, threshold) every trial reports
 its best value so far to the study after each epoch and stops early when the pruner says so (see
-trainlab.callbacks.pruning); it is recorded as "pruned", not failed.
+trainlab.engine.callbacks.pruning); it is recorded as "pruned", not failed.
 
 Storage: by default the study lives in <sweep dir>/optuna.db, so the same command run again
 continues it. `storage=` takes any Optuna database URL (sqlite:///..., postgresql://...,
@@ -44,14 +44,14 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
-from trainlab.commands import override
-from trainlab.errors import UserError, exit_on_user_error
+from trainlab.engine.commands import override
+from trainlab.engine.errors import UserError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
 STORAGE_FILE = "optuna.db"
 # A trial process finds its study (as JSON) here, and its number in the launcher's JOB_ENV: a
-# trial runs as the job of the same number (see trainlab.callbacks.pruning).
+# trial runs as the job of the same number (see trainlab.engine.callbacks.pruning).
 STUDY_ENV = "TRAINLAB_OPTUNA_STUDY"
 PRUNERS = {
     "none": "NopPruner",
@@ -373,7 +373,7 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
         IntDistribution,
     )
 
-    from trainlab.config import check_sweep_params, glob_options
+    from trainlab.engine.config import check_sweep_params, glob_options
 
     check_sweep_params(params, "the Optuna search space (hydra.sweeper.params)")
     parser = OverridesParser.create()

@@ -6,7 +6,7 @@ several devices needs its own process tree, since Lightning's DDP launcher re-ru
 command line in each child (in-process, that would re-run the whole sweep).
 
 Each job runs as a plain single run whose run directory is the job's sweep directory, and
-writes its own output to <job dir>/console.log. Jobs fork from a warm server (trainlab.warm);
+writes its own output to <job dir>/console.log. Jobs fork from a warm server (trainlab.engine.warm);
 run one at a time, the next job is forked while the current one trains and waits, its config
 composed, for its turn. The sweep's record is <sweep dir>/sweep.json
 (see SweepRecord): every job with its overrides, status (pending, running, finished, failed,
@@ -44,14 +44,13 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainlab.commands import override, shell
+from trainlab.engine.commands import override, shell
+from trainlab.engine.jobs import PARENT_ENV, SWEEP_ENV
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "sweep.json"
-SWEEP_ENV = "TRAINLAB_SWEEP"  # tells a job the name of its sweep (its W&B group)
 JOB_ENV = "TRAINLAB_SWEEP_JOB"  # and its number (for Optuna's sweeper, the trial's number)
-PARENT_ENV = "TRAINLAB_SWEEP_PARENT"  # the launcher's pid: its jobs stop when it dies
 DONE = ("finished", "pruned")  # a job's ends that need nothing more
 HEARTBEAT_S = 10  # how often a running sweep touches sweep.json; silent 6 times this: dead
 
@@ -80,7 +79,7 @@ class ProcessLauncher(Launcher):
         self.gpus_per_job = gpus_per_job
         self.dry_run = dry_run
         self.warm = warm
-        self._server: Any = None  # trainlab.warm.Server: forks the jobs (see _start)
+        self._server: Any = None  # trainlab.engine.warm.Server: forks the jobs (see _start)
         self._server_lock = threading.Lock()
         self.config: DictConfig | None = None
         self.hydra_context: Any = None
@@ -98,7 +97,7 @@ class ProcessLauncher(Launcher):
         self.config = config
         self.hydra_context = hydra_context
         if self.warm and not self.dry_run and self._server is None:
-            from trainlab import warm
+            from trainlab.engine import warm
 
             if warm.available():  # it imports while Hydra and the sweeper get ready
                 self._server = warm.server()
@@ -262,7 +261,7 @@ class ProcessLauncher(Launcher):
     def _start(self, job: dict[str, Any], gpus: str | None, held: bool = False) -> tuple:
         """(process, how it started, where its output starts in console.log). Forked by the
         warm server ("warm": it has imported torch and Lightning already; `held`: it waits for
-        its turn, see trainlab.warm.wait_for_turn), or a fresh `python -m ...` ("cold"). Either
+        its turn: warm.wait_for_turn), or a fresh `python -m ...` ("cold"). Either
         way a session of its own: a Ctrl-C in the terminal reaches it once, from _on_signal."""
         assert self.config is not None
         job_dir: Path = job["dir"]
@@ -442,7 +441,7 @@ class SweepRecord:
             self._save()
 
     def _save(self) -> None:  # with self._lock held
-        from trainlab.run_record import write_json
+        from trainlab.engine.run_record import write_json
 
         self.data["launcher"]["heartbeat"] = round(time.time(), 1)
         if self._shared:  # the other sweeps' jobs as they wrote them
@@ -597,25 +596,6 @@ def report(record: Path, signum: int | None = None) -> None:
     raise SystemExit(1 if signum is None else 128 + signum)
 
 
-def stop_with_parent() -> None:
-    """In a job of a sweep: SIGTERM when the sweep's process dies (killed outright, say), so
-    that the job saves its checkpoint and stops rather than training on as an orphan.
-
-    The kernel sends it when the *thread* that started the job ends: here a worker thread of
-    the launcher, which waits for its job and so outlives it unless the whole process dies.
-    Linux only; elsewhere the jobs of a killed sweep run to their end.
-    """
-    parent = os.environ.pop(PARENT_ENV, None)  # not inherited by processes the job starts
-    if parent is None or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != int(parent):  # it died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 @contextlib.contextmanager
 def _signals_to(handler: Any) -> Iterator[None]:
     """SIGINT and SIGTERM go to `handler` inside the block (only the main thread can ask)."""
@@ -671,7 +651,7 @@ def _tail(path: Path, size: int = 8192) -> list[str]:
 
 
 def _refuse(message: str) -> None:
-    from trainlab.errors import UserError, exit_with
+    from trainlab.engine.errors import UserError, exit_with
 
     exit_with(UserError(message))
 

@@ -1,7 +1,7 @@
 import torch
 
-from trainlab.data.base import SPLIT_SEED
 from trainlab.data.images import ImageDataModule
+from trainlab.engine import SPLIT_SEED
 
 
 class DigitsDataModule(ImageDataModule):

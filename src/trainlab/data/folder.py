@@ -17,9 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from trainlab.data.base import per_device_batch_size
-from trainlab.data.resumable import ResumableDataLoader, run_seed
-from trainlab.errors import UserError
+from trainlab.engine import ResumableDataLoader, UserError, per_device_batch_size, run_seed
 
 SPLITS = ("train", "val", "test")
 

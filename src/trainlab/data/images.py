@@ -8,8 +8,7 @@ from functools import partial
 import torch
 
 from trainlab.data.augment import crop_flip, per_sample_crop_flip
-from trainlab.data.base import InMemoryDataModule
-from trainlab.data.memory import Augment
+from trainlab.engine import Augment, InMemoryDataModule
 
 PADDING = 4  # of the random crops, in pixels: the usual choice for 32x32 images
 

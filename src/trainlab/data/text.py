@@ -15,8 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from trainlab.data.base import per_device_batch_size
-from trainlab.errors import UserError
+from trainlab.engine import UserError, per_device_batch_size
 
 VOCAB_SIZE = 256
 Batch = tuple[torch.Tensor, torch.Tensor]

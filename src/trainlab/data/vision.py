@@ -7,7 +7,7 @@ import torch
 from torchvision import datasets
 
 from trainlab.data.images import ImageDataModule
-from trainlab.errors import UserError
+from trainlab.engine import UserError
 
 
 class TorchvisionDataModule(ImageDataModule):

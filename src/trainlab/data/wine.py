@@ -1,6 +1,6 @@
 import torch
 
-from trainlab.data.base import SPLIT_SEED, InMemoryDataModule
+from trainlab.engine import SPLIT_SEED, InMemoryDataModule
 
 
 class WineDataModule(InMemoryDataModule):

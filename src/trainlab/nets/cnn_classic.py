@@ -2,7 +2,7 @@ import math
 
 from torch import nn
 
-from trainlab.errors import UserError
+from trainlab.engine import UserError
 
 
 class ClassicCNN(nn.Sequential):

@@ -6,7 +6,7 @@ so the image's sides must be multiples of 4 (28x28 MNIST and 8x8 digits are).
 
 from torch import nn
 
-from trainlab.errors import UserError
+from trainlab.engine import UserError
 
 
 def _quarter(input_shape: list[int]) -> tuple[int, int, int]:

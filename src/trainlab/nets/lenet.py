@@ -1,6 +1,6 @@
 from torch import nn
 
-from trainlab.errors import UserError
+from trainlab.engine import UserError
 
 
 class LeNet5(nn.Sequential):

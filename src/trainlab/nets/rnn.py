@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from trainlab.errors import UserError
+from trainlab.engine import UserError
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 

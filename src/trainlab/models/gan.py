@@ -11,10 +11,8 @@ from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import make_grid
 
-from trainlab.errors import UserError
-from trainlab.loggers import log_image
-from trainlab.module import TrainlabModule
-from trainlab.schedulers import total_steps
+from trainlab.engine import TrainlabModule, UserError, log_image
+from trainlab.models.schedulers import total_steps
 
 
 class GAN(TrainlabModule):

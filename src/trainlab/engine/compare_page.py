@@ -170,7 +170,7 @@ def page(
     """The page that compare writes into `folder` (links to the runs are relative to it)."""
     import base64
 
-    from trainlab.compare import _columns, _progress, fmt, lower_is_better
+    from trainlab.engine.compare import _columns, _progress, fmt, lower_is_better
 
     columns = _columns(metric)
     keys = swept(rows)

@@ -1,6 +1,6 @@
 """The keyword parameters that a config's `_target_` accepts, read from its source code.
 
-The command-line check (trainlab.config) asks for them so that a config need not repeat a
+The command-line check (trainlab.engine.config) asks for them so that a config need not repeat a
 constructor's defaults: `data.per_device=true` is valid because the data module's __init__ takes
 `per_device`, though no YAML file writes it. The source is parsed, never imported: importing
 would cost seconds (torch) on every command line, and would run the module's code.
@@ -81,7 +81,7 @@ def _namespace(module: str) -> dict[str, ast.AST | str] | None:
         return None
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: dict[str, ast.AST | str] = {}
-    for stmt in tree.body:
+    for stmt in _top_level(tree):
         if isinstance(stmt, (ast.ClassDef, ast.FunctionDef)):
             names[stmt.name] = stmt
         elif isinstance(stmt, ast.ImportFrom):
@@ -96,6 +96,16 @@ def _namespace(module: str) -> dict[str, ast.AST | str] | None:
                 bound = alias.asname or alias.name.partition(".")[0]
                 names[bound] = alias.name if alias.asname else bound
     return names
+
+
+def _top_level(tree: ast.Module) -> list[ast.stmt]:
+    """The module's top-level statements, with those under `if TYPE_CHECKING:` (a package that
+    imports its names only when asked, as trainlab.engine does, names them there)."""
+    found = []
+    for stmt in tree.body:
+        checking = isinstance(stmt, ast.If) and ast.unparse(stmt.test).endswith("TYPE_CHECKING")
+        found.extend(stmt.body if checking else [stmt])
+    return found
 
 
 def _source(module: str) -> Path | None:

@@ -54,7 +54,7 @@ def chosen_hparams(flat: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     """Of flat_hparams, the keys a user chose: what the command line set (`experiment`,
     `optimizer.lr`, ...) and the model, data, optimizer, scheduler and trainer values, with
     bookkeeping (paths, loggers, how often to log or save) left out: TensorBoard's HParams."""
-    from trainlab.config import is_bookkeeping
+    from trainlab.engine.config import is_bookkeeping
 
     given = {o.partition("=")[0].lstrip("+~").partition("@")[0] for o in overrides}
     return {
@@ -94,7 +94,7 @@ def unfinished_run(runs_dir: Path, overrides: list[str]) -> Path | None:
     checkpoint: what `resume=auto` continues. (`resume=` and `hydra.` overrides are ignored.)"""
     import yaml
 
-    from trainlab.run_dirs import newest_first
+    from trainlab.engine.run_dirs import newest_first
 
     def key(items: list[str]) -> list[str]:
         return sorted(o for o in items if not o.startswith(("resume=", "hydra.")))

@@ -3,7 +3,7 @@
 Lightning's loop costs 0.2 to 1.3 ms a call whatever the step (hook dispatch over every
 callback, progress bookkeeping, logging checks): more than a small net's whole step on a GPU.
 With steps_per_call=N the in-memory loader yields Blocks of N batches and the module
-(trainlab.module) takes one plain optimizer step per batch inside one training_step, so that
+(trainlab.engine.module) takes one plain optimizer step per batch inside one training_step, so that
 cost is paid once per N.
 
 What a user sees stays exact because N divides every interval counted in steps
@@ -119,7 +119,7 @@ def _intervals(trainer) -> dict[str, int]:
     """Every interval counted in optimizer steps, by the name a user sets it with."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from trainlab.callbacks.checkpoints import LastCheckpoint
+    from trainlab.engine.callbacks.checkpoints import LastCheckpoint
 
     found = {"trainer.log_every_n_steps": trainer.log_every_n_steps}
     if isinstance(trainer.val_check_interval, int):

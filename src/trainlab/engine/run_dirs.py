@@ -17,41 +17,18 @@ from __future__ import annotations
 import errno
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainlab.commands import override
-from trainlab.config import CONF_DIR
-from trainlab.errors import UserError
+from trainlab.engine import config
+from trainlab.engine.commands import override
+from trainlab.engine.errors import UserError
+from trainlab.engine.jobs import shared_run_name
 
 NEW_NAME = "${run_name:}"  # a directory whose name ends so is new for each run
-
-
-def run_name() -> str:
-    """The name of a run's directory (`${run_name:}` in conf/hydra/default.yaml): the job's
-    name under a distributed launcher (see shared_run_name), else its start time. The entry
-    points make a time-named directory unique (see claim)."""
-    return shared_run_name() or time.strftime("%Y-%m-%d_%H-%M-%S")
-
-
-def shared_run_name() -> str | None:
-    """The job's id where a distributed launcher started one process per node: these must all
-    agree on one directory, and a requeued SLURM job must find its own again."""
-    env = os.environ
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
-        job = env.get("SLURM_ARRAY_JOB_ID", env["SLURM_JOB_ID"])
-        task = env.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{task}" if task else "")
-    if int(env.get("WORLD_SIZE", "1")) > 1 and env.get("TORCHELASTIC_RUN_ID"):
-        run_id = env["TORCHELASTIC_RUN_ID"]
-        if run_id == "none":  # static rendezvous: the master's address is what all share
-            run_id = f"{env.get('MASTER_ADDR', 'localhost')}-{env.get('MASTER_PORT', '')}"
-        return f"torchrun-{run_id}"
-    return None
 
 
 @dataclass
@@ -168,19 +145,13 @@ def _cannot(what: str, path: Path, error: OSError, key: str) -> str:
 
 def compose(entry: str, overrides: list[str], config_name: str | None = None) -> Any:
     """The entry's config with Hydra's own part, as `python -m trainlab.<entry>` would see it
-    (sweeps left out: a sweep's directory is the same for all its jobs)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    (sweeps left out, as Hydra leaves them out of a sweep's own config: a sweep's directory is
+    the same for all its jobs)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     single = [o.input_line for o in parsed if not o.is_sweep_override()]
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=entry):
-            return hydra_compose(config_name or entry, single, return_hydra_config=True)
-    except HydraException as e:
-        raise UserError(f"the configs do not compose: {e}") from None
+    return config.compose(config_name or entry, single, hydra=True)
 
 
 def _unresolved(cfg: Any, key: str) -> str:

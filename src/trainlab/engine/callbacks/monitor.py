@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
 
 
 class Best(pl.Callback):

@@ -1,7 +1,7 @@
 """Callbacks that make every checkpoint self-describing and resumable, keep last.ckpt at the
 run's latest state, and apply the optimizer settings a resumed run was allowed to change.
 
-Reading checkpoints back, and what a resume may change, is trainlab.checkpoint's.
+Reading checkpoints back, and what a resume may change, is trainlab.engine.checkpoint's.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from trainlab import __version__
-from trainlab.callbacks import RunInfo
-from trainlab.checkpoint import KEY
+from trainlab.engine.callbacks import RunInfo
+from trainlab.engine.checkpoint import KEY
 
 
 class CheckpointRecord(pl.Callback):
@@ -30,7 +30,7 @@ class CheckpointRecord(pl.Callback):
     same W&B run), the random number generators' states (a resumed run draws the same
     dropout masks and data order as an uninterrupted one), and the class names where the data
     set has them (an exported model names its predictions with them). The config is
-    run_info.config (see trainlab.callbacks.RunInfo).
+    run_info.config (see trainlab.engine.callbacks.RunInfo).
     """
 
     def __init__(self):
@@ -120,7 +120,7 @@ class ApplyOptimizerChanges(pl.Callback):
     optimizers (on_fit_start, before the restore) and put back after it (on_train_start): a
     changed learning rate scales the restored rate and its schedule, so the schedule goes on
     from where it was; any other changed setting (weight_decay, betas, ...) is copied. The
-    changes are run_info.changes (see trainlab.callbacks.RunInfo): none, nothing to do.
+    changes are run_info.changes (see trainlab.engine.callbacks.RunInfo): none, nothing to do.
     """
 
     def __init__(self):

@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from PIL import Image
 
-from trainlab.loggers import log_image
+from trainlab.engine.loggers import log_image
 
 
 class ConfusionMatrix(pl.Callback):

@@ -2,7 +2,7 @@
 
 Every checkpoint carries the run's resolved config, so `eval` rebuilds the model from the file
 alone, and what a resumed run needs to continue exactly (written by the callbacks in
-trainlab.callbacks.checkpoints). Nothing is pickled: files load with
+trainlab.engine.callbacks.checkpoints). Nothing is pickled: files load with
 `torch.load(weights_only=True)`, and are written whole or not at all.
 """
 
@@ -24,14 +24,14 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from trainlab.commands import override, shell
-from trainlab.config import (
+from trainlab.engine.commands import override, shell
+from trainlab.engine.config import (
     check_targets,
     is_bookkeeping,
     parameter_default,
     rename_moved_targets,
 )
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
 
 KEY = "trainlab"  # the checkpoint's entry for what trainlab adds
 

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 
-from trainlab.errors import UserError
-from trainlab.module import TrainlabModule
-from trainlab.schedulers import with_schedule
+from trainlab.engine import TrainlabModule, UserError
+from trainlab.models.schedulers import with_schedule
 
 SAMPLE_FILE = "samples.txt"
 SAMPLE = {"prompt": "\n", "length": 500, "temperature": 0.8, "top_k": None}

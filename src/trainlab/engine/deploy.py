@@ -13,9 +13,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from trainlab import __version__, checkpoint
-from trainlab.config import check_targets
-from trainlab.errors import UserError
+from trainlab import __version__
+from trainlab.engine import checkpoint
+from trainlab.engine.config import check_targets
+from trainlab.engine.errors import UserError
 
 CHANNELS = {1: "L", 3: "RGB"}  # PIL's modes, by number of input channels
 
@@ -54,7 +55,7 @@ def from_checkpoint(path: str | Path) -> tuple[Deployed, dict[str, Any]]:
             f"{path} was trained on samples of shape {shape} normalised by "
             f"{getattr(datamodule, 'normalise', None) or 'no given mean and std'}: only image "
             "models normalised by a given per-channel mean and std (data.mean, data.std) can be "
-            "deployed. Load the checkpoint in Python instead (trainlab.checkpoint.build_model)."
+            "deployed. Load the checkpoint in Python instead (engine.checkpoint.build_model)."
         )
     model = Deployed(checkpoint.build_model(ckpt).net, datamodule.mean, datamodule.std).eval()
     if shape[0] not in CHANNELS:

@@ -19,18 +19,19 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from trainlab.errors import UserError
-from trainlab.module import TrainlabModule
-from trainlab.schedulers import with_schedule
+from trainlab.engine import TrainlabModule, UserError
+from trainlab.models.schedulers import with_schedule
 
 
 class Classifier(TrainlabModule):
     """Cross-entropy training of `net`, with accuracy and macro precision/recall/F1 on val and
-    test, and their confusion matrices (drawn by trainlab.callbacks.confusion).
+    test, and their confusion matrices (drawn by trainlab.engine.callbacks.confusion).
 
     `optimizer` and `scheduler` are factories (Hydra partials): the optimizer takes the
     parameters, the scheduler the optimizer and the run's total number of steps.
     """
+
+    net_takes_samples = True  # the run checks that `net` takes data.input_shape before training
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class Classifier(TrainlabModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # kept in checkpoints, so a resumed run remembers it
         # The latest counts of each split, true class by predicted class, for the callback
-        # that draws them (trainlab.callbacks.confusion).
+        # that draws them (trainlab.engine.callbacks.confusion).
         self.confusion_matrices: dict[str, torch.Tensor] = {}
 
     def check_num_classes(self, num_classes: int) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from trainlab.callbacks import RunInfo
-from trainlab.callbacks.progress import epoch_label
-from trainlab.errors import Interrupted, UserError
+from trainlab.engine.callbacks import RunInfo
+from trainlab.engine.callbacks.progress import epoch_label
+from trainlab.engine.errors import Interrupted, UserError
 
 
 class StopOnSignal(pl.Callback):
@@ -22,7 +22,7 @@ class StopOnSignal(pl.Callback):
 
     SIGTERM is Lightning's to catch (it also tells the other ranks); SIGINT is caught here so
     that it too waits for the end of a step. A second Ctrl-C stops at once. The message's
-    command is run_info.resume_command (see trainlab.callbacks.RunInfo).
+    command is run_info.resume_command (see trainlab.engine.callbacks.RunInfo).
     """
 
     def __init__(self):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainlab.commands import train_command
+from trainlab.engine.commands import train_command
 
 
 @dataclass

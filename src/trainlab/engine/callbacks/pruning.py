@@ -18,8 +18,8 @@ import lightning.pytorch as pl
 
 from hydra_plugins.trainlab_sweeps.optuna_sweeper import STUDY_ENV, make_pruner, open_storage
 from hydra_plugins.trainlab_sweeps.process_launcher import JOB_ENV
-from trainlab.callbacks.monitor import tracker
-from trainlab.callbacks.progress import epoch_label
+from trainlab.engine.callbacks.monitor import tracker
+from trainlab.engine.callbacks.progress import epoch_label
 
 
 def pruned(trainer: pl.Trainer) -> bool:

@@ -4,7 +4,7 @@ Small nets take about a millisecond a step on a CPU, so every per-step cost here
 (bench/throughput.py, bench/RESULTS.md) and kept to a few tensor operations:
 
 - the optimizer step of a plain PyTorch loop, unless a Trainer flag needs Lightning's loop;
-- steps_per_call: N optimizer steps per trip through Lightning's loop (trainlab.blocks);
+- steps_per_call: N optimizer steps per trip through Lightning's loop (trainlab.engine.blocks);
 - training statistics summed on the device and logged once an epoch, as means, with the sums
   kept in checkpoints so that an epoch resumed part-way reports its mean over all its batches.
 
@@ -22,8 +22,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from trainlab import blocks
-from trainlab.data.memory import Block
+from trainlab.engine import blocks
+from trainlab.engine.memory import Block
 
 # In checkpoints. Older ones kept their sums under "train_sums", by attribute names of modules
 # that are gone: they are not read, and an epoch resumed from one averages the rest of it alone.
@@ -31,7 +31,7 @@ EPOCH_SUMS = "epoch_sums"
 
 
 class TrainlabModule(pl.LightningModule):
-    # Optimizer steps a training_step takes (trainlab.blocks): auto, or a count; train sets it
+    # Optimizer steps a training_step takes (engine.blocks): auto, or a count; train sets it
     # from the config, and records steps_per_call_choice, what was taken and why.
     steps_per_call: int | str = 1
     _steps_per_call = 1

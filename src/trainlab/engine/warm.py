@@ -7,7 +7,7 @@ and looks like `python -m <module> <args>` from inside: sys.argv, `__main__` and
 `__spec__` are what `python -m` makes them, so Lightning's DDP launcher re-runs the right
 command line in its children. The server never initialises CUDA (checked before it serves).
 
-A sweep's command starts the server first thing (start_early, from trainlab.cli), and the
+A sweep's command starts the server first thing (start_early, from trainlab.engine.cli), and the
 launcher (hydra_plugins/trainlab_sweeps/process_launcher.py) takes it over (server()); it runs
 in a session of its own and talks to the launcher over a socket pair, one JSON line a message:
 a job to start (argv, environment, cwd, output files, whether it waits for its turn), answered
@@ -107,7 +107,7 @@ class Server:
     """The launcher's handle on a fork server: `start()` a job, get a Popen-like WarmJob."""
 
     def __init__(self) -> None:
-        from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV
+        from trainlab.engine.jobs import PARENT_ENV
 
         ours, theirs = socket.socketpair()
         env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
@@ -123,7 +123,7 @@ class Server:
                 _serve_as_fork(theirs, env)
         else:
             subprocess.Popen(
-                [sys.executable, "-m", "trainlab.warm", str(theirs.fileno())],
+                [sys.executable, "-m", "trainlab.engine.warm", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()],
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -370,7 +370,7 @@ def run_job(job: dict[str, Any]) -> None:
     (or exception) ends the process as it would end a cold one, atexit handlers included."""
     import runpy
 
-    from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV
+    from trainlab.engine.jobs import PARENT_ENV
 
     os.setsid()  # a session of its own, as a cold job has: signals reach it from the launcher
     os.chdir(job["cwd"])
@@ -443,7 +443,7 @@ def _fresh_state(held: bool) -> None:
 
 
 def main() -> None:
-    from hydra_plugins.trainlab_sweeps.process_launcher import stop_with_parent
+    from trainlab.engine.jobs import stop_with_parent
 
     stop_with_parent()
     sock = socket.socket(fileno=int(sys.argv[1]))
@@ -451,9 +451,9 @@ def main() -> None:
 
 
 def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
-    """In a forked copy of a warm job: become the server `python -m trainlab.warm` would be,
+    """In a forked copy of a warm job: become the server `python -m trainlab.engine.warm` would be,
     in the state that process would start in."""
-    from hydra_plugins.trainlab_sweeps.process_launcher import stop_with_parent
+    from trainlab.engine.jobs import stop_with_parent
 
     global this_job, _STARTUP_ENV, _STARTUP_CWD
     os.setsid()
@@ -469,6 +469,6 @@ def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
 
 
 if __name__ == "__main__":
-    from trainlab import warm  # this file as the module jobs import (this_job), not __main__
+    from trainlab.engine import warm  # this file as the module jobs import (this_job), not __main__
 
     warm.main()

@@ -21,10 +21,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainlab import run_dirs, warm
-from trainlab.commands import override
-from trainlab.config import check_command_line
-from trainlab.errors import exit_on_user_error
+from trainlab.engine import jobs, run_dirs, warm
+from trainlab.engine.commands import override
+from trainlab.engine.config import check_command_line
+from trainlab.engine.errors import exit_on_user_error
 
 MULTIRUN = {"-m", "--multirun", "hydra.mode=MULTIRUN"}
 
@@ -46,7 +46,7 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
     from hydra_plugins.trainlab_sweeps import process_launcher
 
     if sweeps:
-        process_launcher.stop_with_parent()
+        jobs.stop_with_parent()
         if _warm_sweep(sys.argv[1:]):
             warm.start_early()  # its imports run while the sweep is checked and composed
     with exit_on_user_error():
@@ -99,13 +99,13 @@ def _warm_sweep(argv: list[str]) -> bool:
 def _resume_run(entry: str, args: list[str]) -> list[str]:
     """`resume=auto` (single runs): the directory of the newest unfinished run of the same
     command, which Hydra must know before it creates a new one."""
-    from trainlab.run_record import unfinished_run
+    from trainlab.engine.run_record import unfinished_run
 
     if "resume=auto" not in args or MULTIRUN & set(args):
         return []
     if any(a.startswith("hydra.run.dir=") for a in args):
         return []  # the run to continue is named
-    if run_dirs.shared_run_name():
+    if jobs.shared_run_name():
         return []  # every process of a distributed job (and its requeued self) has one directory
     overrides = [a for a in args if not a.startswith("-")]
     runs_dir = Path(str(run_dirs.compose(entry, overrides).hydra.run.dir)).parent

@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
+from trainlab.engine.jobs import run_name
 
 # Keys that say where a run writes, what it reports or how often it saves, not what it computes:
 # changing them on resume is not a change of the run, and compare groups runs across them.
@@ -48,8 +49,8 @@ def is_bookkeeping(key: str) -> bool:
 
 
 def _find_conf_dir() -> Path:
-    packaged = Path(__file__).parent / "conf"  # inside an installed wheel
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+    packaged = Path(__file__).parents[1] / "conf"  # inside an installed wheel
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[3] / "conf"
 
 
 CONF_DIR = _find_conf_dir()
@@ -57,11 +58,6 @@ CONF_DIR = _find_conf_dir()
 
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
-
-    def run_name() -> str:  # trainlab.run_dirs names run directories (it imports this module)
-        from trainlab.run_dirs import run_name
-
-        return run_name()
 
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name, use_cache=True)
@@ -481,15 +477,27 @@ def _check_group_option(o: Any) -> None:
         )
 
 
+_composed: dict[tuple, Any] = {}
+
+
 def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Any:
+    """The config `python -m trainlab.<config_name> <overrides>` composes (with Hydra's own part
+    where `hydra`), as a fresh copy; a UserError where it does not compose. Composed once per
+    process for the same arguments: the command-line check, resume=auto and the run directory
+    all ask for it before Hydra starts."""
+    import copy
+
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="check"):
-            return compose(config_name, overrides=overrides, return_hydra_config=hydra)
-    except (HydraException, AssertionError) as e:  # OmegaConf asserts on some bad updates
-        raise UserError(f"the configs do not compose: {e}") from None
+    key = (config_name, tuple(overrides), hydra)
+    if key not in _composed:
+        try:
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name=config_name):
+                _composed[key] = compose(config_name, overrides, return_hydra_config=hydra)
+        except (HydraException, AssertionError) as e:  # OmegaConf asserts on some bad updates
+            raise UserError(f"the configs do not compose: {e}") from None
+    return copy.deepcopy(_composed[key])
 
 
 def compose_with_parameters(config_name: str, overrides: list[str]) -> Any:
@@ -556,9 +564,9 @@ def _all_keys(tree: Any, prefix: str = "") -> Iterator[str]:
 
 
 def _target_parameters(tree: dict, parent: str) -> tuple[str, dict[str, Any]] | None:
-    """The `_target_` of the node at `parent` and the parameters it takes (trainlab.parameters),
+    """The `_target_` of the node at `parent` and the parameters it takes (engine.parameters),
     where conf/ names that target: code that no config file names is never looked into."""
-    from trainlab.parameters import parameters
+    from trainlab.engine.parameters import parameters
 
     found, node = _lookup(tree, parent) if parent else (False, None)
     target = node.get("_target_") if found and isinstance(node, dict) else None
@@ -578,7 +586,7 @@ def _constructor_parameter(tree: dict, key: str) -> Any:
 def parameter_default(target: Any, name: str) -> tuple[bool, Any]:
     """(True, the default) where `target`, a `_target_` that conf/ names, takes `name` with a
     literal default; else (False, None)."""
-    from trainlab.parameters import NO_DEFAULT, parameters
+    from trainlab.engine.parameters import NO_DEFAULT, parameters
 
     if not isinstance(target, str) or target not in known_targets():
         return False, None
@@ -811,8 +819,9 @@ def known_targets() -> set[str]:
 
 
 # `_target_`s that conf/ once named by another path (package re-exports, the net now called
-# ClassicCNN). A checkpoint's stored config is read with the new names (checkpoint.read), so
-# that runs trained before still evaluate, export and resume.
+# ClassicCNN, the modules that moved into trainlab.models and trainlab.engine). A checkpoint's
+# stored config is read with the new names (checkpoint.read), so that runs trained before still
+# evaluate, export and resume.
 MOVED_TARGETS = {
     "trainlab.nets.MLP": "trainlab.nets.mlp.MLP",
     "trainlab.nets.SmallCNN": "trainlab.nets.cnn.SmallCNN",
@@ -822,16 +831,31 @@ MOVED_TARGETS = {
     "trainlab.data.FashionMNISTDataModule": "trainlab.data.vision.FashionMNISTDataModule",
     "trainlab.data.CIFAR10DataModule": "trainlab.data.vision.CIFAR10DataModule",
     "trainlab.data.ImageFolderDataModule": "trainlab.data.folder.ImageFolderDataModule",
-    "trainlab.callbacks.NullProfiler": "trainlab.profiler.NullProfiler",
+    "trainlab.callbacks.NullProfiler": "trainlab.engine.profiler.NullProfiler",
+}
+MOVED_MODULES = {  # old module prefix: new one
+    **{f"trainlab.{m}.": f"trainlab.models.{m}." for m in ("classifier", "gan", "schedulers")},
+    "trainlab.language_model.": "trainlab.models.language_model.",
+    "trainlab.callbacks.": "trainlab.engine.callbacks.",
+    "trainlab.profiler.": "trainlab.engine.profiler.",
 }
 
 
+def moved_target(target: str) -> str:
+    """The name conf/ gives today to a `_target_` a stored config names."""
+    target = MOVED_TARGETS.get(target, target)
+    for old, new in MOVED_MODULES.items():
+        if target.startswith(old):
+            return new + target[len(old) :]
+    return target
+
+
 def rename_moved_targets(tree: Any) -> None:
-    """Give the `_target_`s of a plain stored config (dicts and lists) their MOVED_TARGETS
-    names, in place."""
+    """Give the `_target_`s of a plain stored config (dicts and lists) their names of today
+    (moved_target), in place."""
     if isinstance(tree, dict):
-        if tree.get("_target_") in MOVED_TARGETS:
-            tree["_target_"] = MOVED_TARGETS[tree["_target_"]]
+        if isinstance(tree.get("_target_"), str):
+            tree["_target_"] = moved_target(tree["_target_"])
         children = list(tree.values())
     else:
         children = tree if isinstance(tree, list) else []

@@ -7,9 +7,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainlab.data.memory import Augment, Block, MemoryLoader
-from trainlab.data.resumable import ResumableDataLoader
-from trainlab.errors import UserError
+from trainlab.engine.errors import UserError
+from trainlab.engine.memory import Augment, Block, MemoryLoader
+from trainlab.engine.resumable import ResumableDataLoader
 
 # The validation split is carved from the training split with this fixed seed, so that every
 # run (whatever its own seed) is validated and tested on the same samples.
@@ -328,12 +328,11 @@ def check_net_fits(model: pl.LightningModule, datamodule, choices: dict[str, str
     """Refuse, in one line and before training, a net that cannot take the data's samples: one
     forward pass of a zero batch of data.input_shape, without gradients and in eval mode (so no
     statistics change), costs milliseconds, where the first training step would end in a raw
-    traceback about weight shapes. Only classifiers are checked: their net takes the data's
-    samples (a GAN's generator takes noise, a language model's net tokens)."""
-    from trainlab.classifier import Classifier
-
+    traceback about weight shapes. Only modules that say their `net` takes the data's samples
+    (`net_takes_samples = True`, as a classifier's does) are checked: a GAN's generator takes
+    noise, a language model's net tokens."""
     shape = getattr(datamodule, "input_shape", None)
-    if not isinstance(model, Classifier) or shape is None:
+    if not getattr(model, "net_takes_samples", False) or shape is None:
         return
     net = model.net
     training = net.training

@@ -12,7 +12,7 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from trainlab.errors import UserError
+from trainlab.engine import UserError
 
 
 def total_steps(trainer: Any) -> int:

@@ -154,3 +154,22 @@ def test_runs_without_validation_are_ranked_by_their_test_metric(sweep, compose,
     assert "have no val/acc_best: 1 ranked apart by test/acc" in out
     assert "runs by test/acc (higher is better)" in out
     assert "monitor another metric" not in out
+
+
+def test_the_page_links_each_run_and_has_a_column_per_swept_key(sweep, tmp_path):
+    import re
+    from urllib.parse import unquote
+
+    found = compare([sweep], None, tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    heads = re.findall(r"<th>([^<]*)</th>", page)
+    assert heads[:3] == ["#", "optimizer.lr", "runs"] and "val/acc_best" in heads
+    lrs = re.findall(r"<tr title=[^>]*><td>\d+</td><td>([^<]*)</td>", page)
+    assert sorted(lrs) == ["0.001", "0.01", "0.03"]  # each row's swept value in its column
+    links = re.findall(r'<a href="([^"]+)"', page)
+    linked = {(tmp_path / "out" / unquote(href)).resolve() for href in links}
+    assert linked == {run.dir.resolve() for run in found["runs"]}  # relative: opens offline
+    assert page.count('<polyline class="run"') == 3  # the parallel coordinates, a line a run
+    assert page.count("<svg width=") == 3  # each run's curve of val/acc in its row
+    assert "onclick" not in page and "addEventListener('click'" in page  # sortable
+    assert not re.search(r"(src|href)=\"https?:", page)  # nothing fetched: one offline file

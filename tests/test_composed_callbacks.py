@@ -14,7 +14,7 @@ import torch
 
 from trainlab.engine import cli
 from trainlab.engine.callbacks.checkpoints import LastCheckpoint
-from trainlab.engine.config import CONF_DIR, known_targets
+from trainlab.engine.config import CONF_DIR, group_options, known_targets
 from trainlab.train import train
 
 OWN = {
@@ -30,7 +30,7 @@ OWN = {
 }
 
 
-@pytest.mark.parametrize("option", ["default", "none"])
+@pytest.mark.parametrize("option", [o for o in group_options("callbacks") if o != "always"])
 def test_every_callbacks_option_keeps_trainlabs_own(compose, option):
     cfg = compose(f"callbacks={option}")
     assert set(cfg.callbacks) >= OWN
@@ -140,3 +140,76 @@ def test_a_checkpoint_naming_the_profilers_old_place_still_reads(tmp_path):
     ckpt = checkpoint.read(tmp_path / "old.ckpt")
     profiler = ckpt["trainlab"]["config"]["trainer"]["profiler"]
     assert profiler["_target_"] == "trainlab.engine.profiler.NullProfiler"
+
+
+def test_the_live_bar_and_the_log_lines_count_epochs_alike(capsys):
+    """Both say "epoch 2/2" for the second of two epochs (Lightning's own bar: "Epoch 1/1")."""
+    from conftest import tiny_trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from trainlab.engine.callbacks.progress import EpochLines, LiveBar
+
+    limits = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1}
+    tiny_trainer(callbacks=[EpochLines()], enable_progress_bar=True, **limits).fit(BoringModel())
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("epoch")] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
+
+    bar = LiveBar(leave=True)  # each epoch's bar stays on the screen
+    tiny_trainer(callbacks=[bar], enable_progress_bar=True, **limits).fit(BoringModel())
+    shown = capsys.readouterr().out
+    assert "epoch 1/2" in shown and "epoch 2/2" in shown
+    assert "Epoch" not in shown and "epoch 0" not in shown
+
+
+USUAL = {
+    "early_stopping": "EarlyStopping",
+    "model_summary": "RichModelSummary",
+    "swa": "StochasticWeightAveraging",
+    "timer": "Timer",
+}
+
+
+def test_each_usual_callback_is_one_override_away(compose):
+    from hydra.utils import instantiate
+
+    for name, cls in USUAL.items():
+        cfg = compose(f"callbacks=[default,{name}]", "monitor.metric=val/loss", "monitor.mode=min")
+        assert set(cfg.callbacks) >= OWN | {"checkpoint", name}  # added to the others
+        assert type(instantiate(cfg.callbacks[name])).__name__ == cls
+    stopping = instantiate(compose("callbacks=[none,early_stopping]").callbacks.early_stopping)
+    assert (stopping.monitor, stopping.mode) == ("val/acc", "max")  # monitor.*, as configured
+
+
+def test_early_stopping_stops_a_run_whose_metric_stalls(compose, tmp_path):
+    cfg = compose(
+        "callbacks=[default,early_stopping]",
+        "callbacks.early_stopping.patience=2",
+        "optimizer.lr=1e-12",  # the weights all but frozen: val/acc the same every epoch
+        "scheduler=none",
+        "logger=csv",
+        "trainer.max_epochs=10",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=1",
+    )
+    record = train(cfg, tmp_path / "run")
+    assert record["status"] == "finished" and "test/acc" in record  # a normal end, tested
+    assert record["epochs"] == 3  # the best at epoch 1, then two epochs without a gain
+
+
+@pytest.mark.slow  # a short run; each builds in the composition test above
+def test_the_other_usual_callbacks_run(compose, tmp_path, capsys):
+    cfg = compose(
+        "callbacks=[default,model_summary,swa,timer]",
+        "logger=csv",
+        "test=false",
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+    )
+    record = train(cfg, tmp_path / "run")
+    assert record["status"] == "finished" and record["epochs"] == 2
+    assert "Trainable params" in capsys.readouterr().out  # the model summary's table

@@ -55,7 +55,7 @@ def test_a_pruned_trial_stops_early_and_is_recorded_as_pruned(tmp_path):
     validated = {row.split(",")[0] for row in (job / "metrics.csv").read_text().splitlines()[1:]}
     assert validated <= {"", "0"}  # curves kept, for epoch 0 alone
     assert (job / "checkpoints" / "last.ckpt").is_file() and (job / "checkpoints").glob("*.ckpt")
-    assert "Trial 0 pruned after epoch 0" in (job / "console.log").read_text()
+    assert "Trial 0 pruned after epoch 1" in (job / "console.log").read_text()
 
     summary = json.loads((sweep / "sweep.json").read_text())
     assert summary["jobs"]["0"]["status"] == "pruned" and summary["failed"] == 0

@@ -79,8 +79,9 @@ def kill_late_and_resume(tmp_path: Path, epochs: int, kill_at_epoch: int) -> Non
 
     result = run_cli("trainlab.train", *run, "resume=auto", f"hydra.run.dir={killed}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resuming from {last} (epoch {saved['epoch']}, step {saved['global_step']})" in (
-        result.stdout
+    assert (
+        f"Resuming from {last} (saved in epoch {saved['epoch'] + 1}, step {saved['global_step']})"
+        in (result.stdout)
     )
     resumed, reference = metrics(killed), metrics(straight)
     assert resumed["resumed_from"] == str(last) and resumed["resume_changes"] is None

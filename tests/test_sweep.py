@@ -3,6 +3,7 @@ definitions, dry runs, and the local comparison of their runs."""
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -250,6 +251,10 @@ def test_compare_a_finished_sweep(grid, tmp_path):
     assert page.count("data:image/png;base64,") == 2
     for row in rows:
         assert row["overrides"] in page
+    for key in ("optimizer.lr", "data.batch_size"):  # a sortable column per swept key
+        assert f"<th>{key}</th>" in page
+    for job in job_dirs(grid):
+        assert f'<a href="{os.path.relpath(job, tmp_path)}/"' in page
 
 
 def test_compare_a_partly_failed_sweep_from_the_command_line(failing_grid, tmp_path):
@@ -274,3 +279,79 @@ def test_compare_groups_runs_that_differ_only_by_seed(tmp_path):
     assert count == 2
     assert mean == pytest.approx(sum(values) / 2)
     assert std == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+
+
+def test_a_glob_sweep_lists_each_matching_experiment(tmp_path):
+    # Hydra expands glob() only once it runs; the command-line checks expand it themselves
+    every = run_cli("trainlab.train", "-m", "experiment=glob(mnist_*)", "--dry-run", cwd=tmp_path)
+    assert every.returncode == 0, every.stderr
+    for n, name in enumerate(("mnist_cnn", "mnist_gan", "mnist_mlp", "mnist_vit")):
+        assert f"#{n}: experiment={name}\n" in every.stdout
+    assert "4 job(s); nothing was run" in every.stdout
+    assert not (tmp_path / "logs").exists()
+
+
+def test_sweep_syntaxes_are_checked_as_they_expand():
+    from hydra_plugins.trainlab_sweeps.optuna_sweeper import search_space
+    from trainlab.engine.config import check_command_line
+    from trainlab.engine.errors import UserError
+
+    argv = ["-m", "optimizer=glob(adam*)", "model=choice(mlp,cnn)", "optimizer.lr=range(1,3)"]
+    assert check_command_line("train", argv) == argv
+    space = search_space({"optimizer": "glob(adam*)", "optimizer.lr": "interval(1e-4, 1e-2)"})
+    assert list(space["optimizer"].choices) == ["adam", "adamw"]
+    optuna = ["-m", "hydra/sweeper=optuna", "optimizer.lr=tag(log,interval(1e-4,1e-2))"]
+    assert check_command_line("train", optuna) == optuna
+
+    for args, words in (
+        # the checks apply to every option a group sweep expands to: momentum is SGD's only
+        (["optimizer=glob(*)", "optimizer.momentum=0.9"], "in the jobs with optimizer=adam:"),
+        (["model=glob(zz*)"], "matches no config in conf/model/"),
+        (["optimizer.lr=glob(*)"], "'optimizer.lr' is none"),
+        (["optimizer.lr=interval(1e-4,1e-2)"], "add hydra/sweeper=optuna"),
+    ):
+        with pytest.raises(UserError, match=re.escape(words)):
+            check_command_line("train", ["-m", *args])
+
+
+@pytest.mark.slow  # several dry runs
+def test_every_sweep_syntax_lists_its_jobs(tmp_path):
+    def dry_run(*args):
+        return run_cli("trainlab.train", "-m", *args, "--dry-run", cwd=tmp_path)
+
+    adams = dry_run("optimizer=glob(adam*)", "optimizer.lr=range(1,3)")
+    assert adams.returncode == 0, adams.stderr
+    assert "#3: optimizer=adamw optimizer.lr=2\n" in adams.stdout and "4 job(s)" in adams.stdout
+    chosen = dry_run("model=choice(mlp,cnn)", "optimizer=glob(*,exclude=adam*)")
+    assert "#1: model=cnn optimizer=sgd\n" in chosen.stdout and "2 job(s)" in chosen.stdout
+    search = ("hydra/sweeper=optuna", "hydra.sweeper.n_trials=2")
+    drawn = dry_run(*search, "optimizer=glob(adam*)", "optimizer.lr=tag(log,interval(1e-4,1e-2))")
+    assert drawn.returncode == 0, drawn.stderr
+    assert "optimizer: CategoricalDistribution(choices=('adam', 'adamw'))" in drawn.stdout
+    assert "optimizer.lr: FloatDistribution(high=0.01, log=True" in drawn.stdout
+    refused = dry_run("optimizer=glob(*)", "optimizer.momentum=0.9")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.slow  # four short runs; the dry run above lists them
+def test_a_glob_sweep_runs_every_matching_experiment(tmp_path):
+    from test_data import N_VAL, write_mnist
+
+    write_mnist(tmp_path / "data")  # the real IDX files, tiny
+    offline = ("data.download=false", f"data.val_size={N_VAL}", "data.batch_size=8")
+    result = run_cli(
+        "trainlab.train",
+        "-m",
+        "experiment=glob(mnist_*)",
+        *FAST,
+        *offline,
+        "trainer.max_epochs=1",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sweep_dir(tmp_path) / "sweep.json").read_text())
+    ran = sorted(job["overrides"][0] for job in summary["jobs"].values())
+    assert ran == [f"experiment=mnist_{n}" for n in ("cnn", "gan", "mlp", "vit")]
+    assert all(job["status"] == "finished" for job in summary["jobs"].values())

@@ -125,3 +125,48 @@ def test_a_forks_experiment_without_validation_passes_the_same_checks(
     searchpath = f"hydra.searchpath=[file://{fork}]"
     assert compose(searchpath, "experiment=my_digits_mlp").data.val_size == 0
     check_experiment(compose, tmp_path, monkeypatch, searchpath, "experiment=my_digits_mlp")
+
+
+def test_a_tensorboard_sweep_ranks_its_runs_in_the_hparams_tab(tmp_path):
+    """A real 2-job sweep: each run, named by the value it changes, holds TensorBoard's HParams
+    with the keys a user chose (no bookkeeping) against the monitored metric's best, the final
+    validation and the test metrics (no placeholder hp_metric), as TensorBoard reads them."""
+    import json
+
+    from conftest import run_cli
+    from tensorboard.plugins.hparams import metadata
+
+    from trainlab.engine.config import is_bookkeeping
+
+    args = (
+        "-m",
+        "optimizer.lr=1e-3,2e-3",
+        "logger=tensorboard",
+        "debug=limit",
+        "trainer.max_epochs=1",
+    )
+    result = run_cli("trainlab.train", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "sweeps").iterdir()
+    runs = sorted(p.name for p in (sweep / "tensorboard").iterdir())
+    assert runs == ["0 optimizer.lr=0.001", "1 optimizer.lr=0.002"]  # not <date>/0/tensorboard
+    for num, lr in ((0, 0.001), (1, 0.002)):
+        events = EventAccumulator(str(sweep / "tensorboard" / runs[num]))
+        events.Reload()
+        content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+        experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+        metrics = {m.name.tag for m in experiment.metric_infos}
+        assert {"val/acc_best", "val/acc", "test/acc", "test/loss"} <= metrics
+        assert "hp_metric" not in metrics and "hp_metric" not in events.Tags()["scalars"]
+        record = json.loads((sweep / str(num) / "metrics.json").read_text())
+        best = events.Scalars("val/acc_best")[-1]  # where the HParams tab reads the metric
+        assert best.value == pytest.approx(record["monitor"]["best"]) and best.value > 0
+        assert events.Scalars("test/acc")[-1].value == pytest.approx(record["test/acc"])
+
+        start = metadata.parse_session_start_info_plugin_data(
+            content[metadata.SESSION_START_INFO_TAG]
+        )
+        hparams = {k: v.number_value or v.string_value for k, v in start.hparams.items()}
+        assert hparams["optimizer.lr"] == pytest.approx(lr) and hparams["model"] == "mlp"
+        assert "trainer.max_epochs" in hparams and "data.batch_size" in hparams
+        assert not [k for k in hparams if is_bookkeeping(k) or k.startswith("callbacks")]

@@ -171,7 +171,7 @@ def test_growth_by_orders_of_magnitude_stops_the_run(tmp_path):
     losses = [2.3, 2.0, 50.0, 3e3, 2.4e4, 3.5e28]
     step, message = fit(losses, 1e4, tmp_path)
     assert step == 5  # 2.4e4 > 1e4 x 2.3
-    assert message.startswith("the training loss is 2.4e+04 at epoch 0, step 5")
+    assert message.startswith("the training loss is 2.4e+04 in epoch 1, step 5")
     assert "more than divergence_factor=10000 times its start (2.3)" in message
     assert "Lower optimizer.lr" in message
 
@@ -190,7 +190,7 @@ def test_null_switches_growth_off_but_nan_and_inf_still_stop(tmp_path):
     assert fit([2.3, 3.5e28, 1e30], None, tmp_path) == (None, None)
     for bad in (math.nan, math.inf):
         step, message = fit([2.3, 5.0, bad], None, tmp_path)
-        assert step == 3 and message.startswith(f"the training loss is {bad} at epoch 0, step 3")
+        assert step == 3 and message.startswith(f"the training loss is {bad} in epoch 1, step 3")
         assert "times its start" not in message
     assert fit([math.nan], 1e4, tmp_path)[0] == 1  # also on the very first step
 

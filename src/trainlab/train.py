@@ -87,8 +87,9 @@ def train(
     if cfg.get("compile") and "compile" not in not_applied:
         model.net.compile()  # in place: parameter names, and so checkpoints, stay as they are
     config["effective_batch_size"], config["effective_lr"] = batch_size, lr
+    hparams = run_record.flat_hparams(config, choices)
     for logger in loggers:
-        logger.log_hyperparams(run_record.flat_hparams(config, choices))
+        logger.log_hyperparams(hparams)
 
     record: dict[str, Any] = {
         # A run resumed after its last epoch logs nothing new: its values are the checkpoint's.
@@ -146,6 +147,7 @@ def train(
         record["best_ckpt"] = checkpoint.best_path(trainer)
         record["monitor"] = monitored.record()
         if trainer.is_global_zero:
+            _log_ranked_hparams(loggers, run_record.chosen_hparams(hparams, overrides), record)
             try:
                 run_record.write_json(run_dir / run_record.METRICS_FILE, record)
             except OSError as e:  # e.g. the disk is full: report it, keep the original error
@@ -173,6 +175,18 @@ def _not_applied(cfg: DictConfig, model, untaken: list[str]) -> dict[str, str]:
     for key, why in skipped.items():
         print(f"note: {key} not applied: {why}.")
     return skipped
+
+
+def _log_ranked_hparams(loggers: list, hparams: dict[str, Any], record: dict[str, Any]) -> None:
+    """TensorBoard's HParams of the ended run (trainlab.engine.loggers.log_ranked_hparams); a
+    failure to write them is reported, never put in place of the run's own outcome."""
+    from trainlab.engine import run_record
+    from trainlab.engine.loggers import log_ranked_hparams
+
+    try:
+        log_ranked_hparams(loggers, hparams, run_record.ranked_metrics(record), record["steps"])
+    except Exception as e:
+        print(f"could not write TensorBoard's HParams: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _callbacks(cfg: DictConfig, run_info) -> list:
@@ -223,8 +237,14 @@ def _resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict, di
                 print(f"resume=restart: starting over; the earlier files are kept in {kept}")
         return None, {}, {}
     changes = checkpoint.check_config(ckpt, path, cfg)
-    print(f"Resuming from {path} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}).")
+    print(f"Resuming from {path} (saved in {_saved_in(ckpt)}, step {ckpt.get('global_step')}).")
     return path, checkpoint.carried(ckpt), changes
+
+
+def _saved_in(ckpt: dict) -> str:
+    from trainlab.engine.callbacks.progress import epoch_label
+
+    return epoch_label(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else "epoch ?"
 
 
 def _finish_wandb() -> None:
@@ -261,7 +281,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                 overrides=list(hc.overrides.task),
                 choices=dict(hc.runtime.choices),
                 wandb_group=sweep,
-                wandb_name=hc.job.override_dirname or None,
+                wandb_name=_job_name(hc) if sweep else hc.job.override_dirname or None,
             )
     except Interrupted as e:
         print(f"error: {e}", file=sys.stderr)
@@ -276,6 +296,27 @@ def main() -> None:
     `--dry-run` lists the jobs a sweep would run (their overrides and their number) and stops.
     """
     cli.run("train", _hydra_main)
+
+
+def _job_name(hc: Any) -> str | None:
+    """A sweep's job named by what it changes: its overrides but those that every job of the
+    sweep gets (the sweep's command line, in its sweep.json, sets them once for all)."""
+    import json
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = list(hc.overrides.task)
+    try:
+        # a job runs on its own (as a single run) in <sweep dir>/<number>
+        summary = Path(hc.runtime.output_dir).parent / process_launcher.SUMMARY_FILE
+        command = [a for a in json.loads(summary.read_text())["command"] if not a.startswith("-")]
+        parsed = OverridesParser.create().parse_overrides(command)
+    except Exception:  # no sweep.json (another launcher), or a command Hydra reads otherwise
+        return hc.job.override_dirname or None
+    shared = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    parser = OverridesParser.create()
+    own = [o for o in overrides if parser.parse_override(o).key_or_group not in shared]
+    return ",".join(own) or hc.job.override_dirname or None
 
 
 def _finished_already(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict | None:

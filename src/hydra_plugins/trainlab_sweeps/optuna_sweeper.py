@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, Glob, IntervalSweep, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
@@ -373,13 +373,14 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
         IntDistribution,
     )
 
-    from trainlab.engine.config import check_sweep_params
+    from trainlab.engine.config import check_sweep_params, glob_options
 
     check_sweep_params(params, "the Optuna search space (hydra.sweeper.params)")
     parser = OverridesParser.create()
     space = {}
     for key, expression in params.items():
-        value = parser.parse_override(f"{key}={expression}").value()
+        parsed = parser.parse_override(f"{key}={expression}")
+        value = parsed.value()
         log_scale = "log" in getattr(value, "tags", set())
         if isinstance(value, ChoiceSweep):
             space[key] = CategoricalDistribution(list(value.list))
@@ -389,10 +390,13 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
             space[key] = dist(value.start, value.end, log=log_scale)
         elif isinstance(value, RangeSweep):
             space[key] = CategoricalDistribution(list(range(value.start, value.stop, value.step)))
+        elif isinstance(value, Glob):  # a group's options that match
+            space[key] = CategoricalDistribution(glob_options(parsed))
         else:
             raise ValueError(
                 f"hydra.sweeper.params.{key}={expression!r} is not a search space: use "
-                "choice(a, b, ...), interval(lo, hi), tag(log, interval(lo, hi)) or range(...)"
+                "choice(a, b, ...), interval(lo, hi), tag(log, interval(lo, hi)), range(...) "
+                "or, for a config group, glob(pattern)"
             )
     return space
 

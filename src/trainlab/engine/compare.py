@@ -20,9 +20,7 @@ Runs are ranked by the metric their config's `monitor` names: by each run's best
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
-import html
 import json
 import statistics
 import sys
@@ -365,7 +363,7 @@ def print_leaderboard(
 def _progress(run: Run) -> str:
     metric = run.monitor.get("metric")
     history = run.history(metric) if metric else []
-    return f"at epoch {history[-1][0]}, {metric} {history[-1][1]:.4f}" if history else ""
+    return f"at epoch {history[-1][0] + 1}, {metric} {history[-1][1]:.4f}" if history else ""
 
 
 def plot_lr(runs: list[Run], metric: str, path: Path) -> None:
@@ -428,52 +426,11 @@ def write_html(
     images: list[Path],
     problems: list[Problem],
 ) -> None:
-    """One page with everything inline (tables, and the PNGs as data URIs): easy to share."""
-    columns = _columns(metric)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("#", "overrides", "runs", *columns))
-    body = "".join(
-        "<tr>"
-        + f"<td>{i}</td><td>{html.escape(r['overrides'])}</td><td>{len(r['runs'])}</td>"
-        + "".join(f"<td>{fmt(r.get(c), len(r['runs']))}</td>" for c in columns)
-        + "</tr>"
-        for i, r in enumerate(rows, 1)
-    )
+    """One page with everything inline (tables, charts, and the PNGs as data URIs): easy to
+    share; see trainlab.engine.compare_page."""
+    from trainlab.engine.compare_page import page
 
-    def item(run: Run) -> str:
-        return (
-            f"<li><b>{html.escape(str(run.status))}</b>: {html.escape(' '.join(run.overrides))} "
-            f"<code>{html.escape(str(run.dir))}</code> {html.escape(run.error or _progress(run))}"
-            + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
-            + "</li>"
-        )
-
-    pruned = "".join(item(run) for run in others if run.status == "pruned")
-    not_finished = "".join(item(run) for run in others if run.status != "pruned")
-    cannot = "".join(
-        f"<li><b>{p.kind}</b>: <code>{html.escape(str(p.path))}</code>: {html.escape(p.what)}</li>"
-        for p in problems
-    )
-    pictures = "".join(
-        f'<img alt="{p.stem}" src="data:image/png;base64,'
-        f'{base64.b64encode(p.read_bytes()).decode()}">'
-        for p in images
-    )
-    path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>trainlab comparison</title>"
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "td:nth-child(2){text-align:left}img{max-width:100%;margin:1em 0}</style></head><body>"
-        f"<h1>Runs by {html.escape(metric)}</h1><table><tr>{head}</tr>{body}</table>"
-        + (
-            f"<p>All runs: <code>{html.escape(' '.join(rows[0]['shared']))}</code></p>"
-            if rows and rows[0]["shared"]
-            else ""
-        )
-        + (f"<h2>Pruned (stopped early by the sweep)</h2><ul>{pruned}</ul>" if pruned else "")
-        + (f"<h2>Not finished</h2><ul>{not_finished}</ul>" if not_finished else "")
-        + (f"<h2>Problems</h2><ul>{cannot}</ul>" if problems else "")
-        + f"{pictures}</body></html>\n"
-    )
+    path.write_text(page(path.parent, rows, others, metric, images, problems))
 
 
 def compare(paths: list[Path], metric: str | None, out: Path, top: int = 5) -> dict[str, Any]:

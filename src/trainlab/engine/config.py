@@ -302,6 +302,7 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
         ) from None
 
     group_overrides, key_overrides, hydra_overrides = [], [], []
+    swept_groups = {}  # index in group_overrides: every option a group sweep expands to
     for o in overrides:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
@@ -315,15 +316,57 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
         elif (CONF_DIR / key).is_dir():
             _check_group_option(o)
             sign = "++" if o.is_force_add() else "+" if o.is_add() else ""  # keep +model=mlp
-            package = _package(o)  # model@where=mlp
-            group_overrides.append(f"{sign}{key}{package}={_values(o)[0]}")
+            prefix = f"{sign}{key}{_package(o)}="  # model@where=mlp
+            options = [_option_text(v) for v in _values(o)]
+            if len(options) > 1:
+                swept_groups[len(group_overrides)] = [f"{prefix}{v}" for v in options]
+            group_overrides.append(f"{prefix}{options[0]}")
         else:
             key_overrides.append(o)
 
-    base = compose(config_name, group_overrides, hydra=True)
+    # Each option of a group sweep composes its own config: the key overrides are checked
+    # against each (the others' first options held), as each of its jobs will get them.
+    variants = [group_overrides] + [
+        [*group_overrides[:i], other, *group_overrides[i + 1 :]]
+        for i, options in swept_groups.items()
+        for other in options[1:]
+    ]
+    parameters_set: list[str] = []  # overrides of constructor parameters that no YAML writes
+    for n, groups in enumerate(variants):
+        base = compose(config_name, groups, hydra=True)
+        if n == 0:
+            _refuse_intervals_without_search(overrides, base)
+        try:
+            parameters_set += _check_key_overrides(base, key_overrides, hydra_overrides)
+        except UserError as e:
+            if not swept_groups:
+                raise
+            which = " ".join(groups[i].lstrip("+") for i in swept_groups)
+            raise UserError(f"in the jobs with {which}: {e}") from None
+    return [f"++{arg}" if arg in parameters_set else arg for arg in argv]
+
+
+def _refuse_intervals_without_search(overrides: list[Any], cfg: Any) -> None:
+    """interval() is a range a search draws from; a grid (Hydra's basic sweeper) cannot."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    drawn = [o.input_line for o in overrides if isinstance(o.value(), IntervalSweep)]
+    if drawn and "optuna" not in str(cfg.hydra.sweeper.get("_target_", "")).lower():
+        raise UserError(
+            f"'{drawn[0]}' is a range for a search to draw from, and this sweep is a grid: add "
+            "hydra/sweeper=optuna (with hydra.sweeper.n_trials=N) to search it, or list the "
+            "values to try (key=a,b,c or key=range(start,stop,step))."
+        )
+
+
+def _check_key_overrides(base: Any, key_overrides: list[Any], hydra_overrides: list[Any]) -> list:
+    """Check the key overrides against one composed config; the input lines of those that set
+    a constructor parameter no YAML file writes (to be marked `++`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     tree = {k: v for k, v in _to_tree(base).items() if k != "hydra"}
     check_values(base)
-    parameters_set = []  # overrides of constructor parameters that no YAML file writes
+    parameters_set = []
     for o in key_overrides:
         key = o.key_or_group
         found, default = _lookup(tree, key)
@@ -352,7 +395,7 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
         for o in key_overrides
     ]
     _check_whole_config(base, key_overrides + hydra_overrides)
-    return [f"++{arg}" if arg in parameters_set else arg for arg in argv]
+    return parameters_set
 
 
 def _package(o: Any) -> str:
@@ -370,14 +413,35 @@ def _package(o: Any) -> str:
 def _values(override: Any) -> list[Any]:
     """The value of an override, every value of a sweep (`a=1,2,3`), as a job gets it, or the
     bounds of an interval that a search draws from (`interval(1e-4, 1e-1)`)."""
-    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.core.override_parser.types import Glob, IntervalSweep
 
     value = override.value()
     if isinstance(value, IntervalSweep):
         return [value.start, value.end]
+    if isinstance(value, Glob):  # Hydra expands it only once it runs: here, over conf/<group>/
+        return glob_options(override)
     if override.is_sweep_override():
         return [_unquoted(v) for v in override.sweep_iterator()]
     return [value]
+
+
+def glob_options(override: Any) -> list[str]:
+    """The options of the group that `group=glob(...)` matches, in Hydra's order (sorted)."""
+    group, glob = override.key_or_group, override.value()
+    options = group_options(group)
+    if not options:
+        raise UserError(
+            f"'{override.input_line}': glob() picks among the options of a config group "
+            f"(a folder of conf/, e.g. experiment=glob(mnist_*)), and '{group}' is none: "
+            f"list its values instead ({group}=a,b,c)."
+        )
+    matched = glob.filter(options)
+    if not matched:
+        raise UserError(
+            f"'{override.input_line}' matches no config in conf/{group}/: the options are "
+            f"{', '.join(options)}."
+        )
+    return matched
 
 
 def _unquoted(value: Any) -> Any:
@@ -393,13 +457,20 @@ def _unquoted(value: Any) -> Any:
     return value
 
 
+def _option_text(value: Any) -> str:
+    """A group's option as an override writes it: `mlp`, or a list of options `[default,swa]`."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
+
 def _check_group_option(o: Any) -> None:
     _check_group_values(o.key_or_group, _values(o))
 
 
 def _check_group_values(group: str, values: Iterable[Any]) -> None:
     options = group_options(group)
-    for value in values:
+    # a list of options composes them all: callbacks=[default,early_stopping]
+    chosen = [v for value in values for v in (value if isinstance(value, list) else [value])]
+    for value in chosen:
         if value is None or value in options:
             continue
         close = difflib.get_close_matches(str(value), options, n=1)

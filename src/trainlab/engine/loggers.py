@@ -69,10 +69,37 @@ def build_loggers(
                 # W&B's run table (and a W&B sweep) shows the best epoch's value, not the last.
                 if cfg.monitor.metric:
                     logger.experiment.define_metric(cfg.monitor.metric, summary=cfg.monitor.mode)
+        elif logger_cfg._target_.endswith("TensorBoardLogger") and group and name:
+            # A sweep's job: <sweep dir>/tensorboard/<number> <overrides>, so that TensorBoard
+            # names each run by what it changed (run_dir is <sweep dir>/<number>).
+            version = f"{run_dir.name} {name}".replace("/", "_")
+            logger = instantiate(logger_cfg, save_dir=str(run_dir.parent), version=version)
         else:
             logger = instantiate(logger_cfg, save_dir=str(run_dir))
         loggers.append(logger)
     return loggers
+
+
+def log_ranked_hparams(
+    loggers: list, hparams: dict[str, Any], metrics: dict[str, float], step: int
+) -> None:
+    """TensorBoard's HParams of a run that ended: the values `hparams` a user chose, against
+    `metrics` (the monitored best, the final validation and test values), which the HParams tab
+    ranks runs by. Each metric is also a scalar at the last step, where the tab reads it."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    plain = (int, float, str, bool)  # what TensorBoard shows: lists and None as their text
+    shown = {k: v if isinstance(v, plain) else str(v) for k, v in hparams.items()}
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            continue
+        with SummaryWriter(logger.log_dir) as writer:  # Lightning closed its own at the end
+            for summary in hparams_summary(shown, metrics):
+                writer.file_writer.add_summary(summary)
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, step)
 
 
 class RunCSVLogger(CSVLogger):

@@ -46,6 +46,39 @@ def flat_hparams(config: dict[str, Any], choices: dict[str, str] | None = None) 
     return flat
 
 
+# The parts of a config that say what a run computes (with what the command line set).
+CHOSEN = ("model", "data", "optimizer", "scheduler", "trainer")
+
+
+def chosen_hparams(flat: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Of flat_hparams, the keys a user chose: what the command line set (`experiment`,
+    `optimizer.lr`, ...) and the model, data, optimizer, scheduler and trainer values, with
+    bookkeeping (paths, loggers, how often to log or save) left out: TensorBoard's HParams."""
+    from trainlab.engine.config import is_bookkeeping
+
+    given = {o.partition("=")[0].lstrip("+~").partition("@")[0] for o in overrides}
+    return {
+        key: value
+        for key, value in flat.items()
+        if (key.split(".")[0] in CHOSEN or any(key == g or key.startswith(f"{g}.") for g in given))
+        and not is_bookkeeping(key)
+    }
+
+
+def ranked_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """What runs are ranked by: the monitored metric's best (as <metric>_best), and the final
+    validation and test values of a run's record (metrics.json)."""
+    metrics = {
+        key: float(value)
+        for key, value in record.items()
+        if key.startswith(("val/", "test/")) and isinstance(value, int | float)
+    }
+    monitor = record.get("monitor") or {}
+    if monitor.get("best") is not None:
+        metrics[f"{monitor['metric']}_best"] = float(monitor["best"])
+    return metrics
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write then rename, so that a reader never sees half a file."""
     tmp = path.with_suffix(".tmp")

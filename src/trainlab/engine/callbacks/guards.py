@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from trainlab.engine.callbacks import RunInfo
+from trainlab.engine.callbacks.progress import epoch_label
 from trainlab.engine.errors import Interrupted, UserError
 from trainlab.engine.memory import Block
 
@@ -80,7 +81,8 @@ class StopOnSignal(pl.Callback):
         self._restore()
         raise Interrupted(
             signum,
-            f"stopped by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"stopped by {name} in {epoch_label(trainer.current_epoch)}, "
+            f"step {trainer.global_step}; "
             f"checkpoint saved to {path}. Resume with: {self.run_info.resume_command}",
         )
 
@@ -137,7 +139,7 @@ class StopOnNonFiniteLoss(pl.Callback):
         last = self.ckpt_dir / "last.ckpt"
         saved = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint yet"
         raise UserError(
-            f"the training loss is {value:.4g} at epoch {trainer.current_epoch}, step "
+            f"the training loss is {value:.4g} in {epoch_label(trainer.current_epoch)}, step "
             f"{step}{grown} (learning rate {lrs}); {saved}. Lower optimizer.lr, "
             "clip gradients (+trainer.gradient_clip_val=1.0), or check the data for NaNs."
         )

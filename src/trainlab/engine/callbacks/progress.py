@@ -11,6 +11,13 @@ from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 PROGRESS_STATE_KEY = "progress_bar"
 
 
+def epoch_label(epoch: int, max_epochs: int | None = None) -> str:
+    """ "epoch 17/50" for Lightning's 0-based `epoch` 16 of 50: epochs as a person counts them,
+    the same in the live bar, the log lines and every message."""
+    of = f"/{max_epochs}" if max_epochs and max_epochs > 0 else ""
+    return f"epoch {epoch + 1}{of}"
+
+
 class EpochLines(ProgressBar):
     """One line per epoch with its metrics and time: a progress display for log files,
     where a live bar's redraws turn into noise.
@@ -62,9 +69,9 @@ class EpochLines(ProgressBar):
         shown = "  ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
         )
-        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         took = time.perf_counter() - self._epoch_start
-        print(f"epoch {trainer.current_epoch + 1}{epochs}  {shown}  ({took:.1f}s)", flush=True)
+        label = epoch_label(trainer.current_epoch, trainer.max_epochs)
+        print(f"{label}  {shown}  ({took:.1f}s)", flush=True)
 
 
 class LiveBar(RichProgressBar):
@@ -84,6 +91,11 @@ class LiveBar(RichProgressBar):
     @property
     def state_key(self) -> str:
         return PROGRESS_STATE_KEY
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning's own reads "Epoch 16/49" for the 17th of 50 epochs
+        description = epoch_label(current_epoch, self.trainer.max_epochs)
+        return f"{description:{len(self.validation_description)}}"  # as wide: no flicker
 
     def _due(self, batch_idx: int, total: float) -> bool:
         now = time.monotonic()

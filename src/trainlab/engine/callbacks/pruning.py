@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 from hydra_plugins.trainlab_sweeps.optuna_sweeper import STUDY_ENV, make_pruner, open_storage
 from hydra_plugins.trainlab_sweeps.process_launcher import JOB_ENV
 from trainlab.engine.callbacks.monitor import tracker
+from trainlab.engine.callbacks.progress import epoch_label
 
 
 def pruned(trainer: pl.Trainer) -> bool:
@@ -67,7 +68,7 @@ class ReportToStudy(pl.Callback):
             trainer.should_stop = True  # a normal end: checkpoints and logs are written
         if prune and trainer.is_global_zero:
             print(
-                f"Trial {self.number} pruned after epoch {epoch} "
+                f"Trial {self.number} pruned after {epoch_label(epoch)} "
                 f"(best {monitored.metric} so far {value:.4f}): stopping."
             )
 

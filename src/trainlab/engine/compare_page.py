@@ -197,7 +197,7 @@ def page(
 
     def item(run: Any) -> str:
         return (
-            f"<li><b>{run.status}</b>: {html.escape(' '.join(run.overrides))} "
+            f"<li><b>{html.escape(str(run.status))}</b>: {html.escape(' '.join(run.overrides))} "
             f"{_link(run, folder)} {html.escape(run.error or _progress(run))}"
             + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
             + "</li>"

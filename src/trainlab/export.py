@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from trainlab.engine import cli
 from trainlab.engine.config import CONF_DIR
 from trainlab.engine.errors import UserError, exit_on_user_error
-from trainlab.predict import METADATA_KEY, load_exported
+from trainlab.engine.model_files import METADATA_KEY, load_exported
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}  # and the default file names
 TOLERANCE = 1e-5

@@ -32,6 +32,7 @@ from typing import Any
 
 from hydra_plugins.trainlab_sweeps.process_launcher import SUMMARY_FILE, sweep_status
 from trainlab.engine.commands import override, train_command
+from trainlab.engine.compare_page import columns_of, fmt, lower_is_better, progress_of
 from trainlab.engine.config import is_bookkeeping
 from trainlab.engine.errors import UserError, exit_on_user_error
 
@@ -249,7 +250,7 @@ def _first_line(error: Exception) -> str:
 
 def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
     """One row per setting (runs equal but for the seed), best first, with the columns of
-    _columns(metric): each (mean, std, how many of the setting's runs have the value)."""
+    columns_of(metric): each (mean, std, how many of the setting's runs have the value)."""
     groups: dict[tuple[str, ...], list[Run]] = {}
     for run in runs:
         if run.status == "finished" and metric in run.metrics:
@@ -260,7 +261,7 @@ def leaderboard(runs: list[Run], metric: str) -> list[dict[str, Any]]:
     for group, members in groups.items():
         label = " ".join(o for o in group if o not in shared) or "(defaults)"
         row: dict[str, Any] = {"overrides": label, "runs": members, "shared": sorted(shared)}
-        for key in _columns(metric):
+        for key in columns_of(metric):
             values = [r.metrics[key] for r in members if key in r.metrics]
             if values:  # over the runs that have the value, and saying how many they are
                 row[key] = (
@@ -287,7 +288,7 @@ def without_validation(runs: list[Run], metric: str) -> tuple[list[Run], str]:
     """The finished runs that lack a val/ `metric` because they validated nothing (no val/
     value at all, as with data.val_size=0) but were tested, and the test metric that stands
     for it (val/acc_best: test/acc)."""
-    tested = _columns(metric)[1]
+    tested = columns_of(metric)[1]
     if not metric.startswith("val/") or tested == metric:
         return [], tested
     unvalidated = [
@@ -299,32 +300,6 @@ def without_validation(runs: list[Run], metric: str) -> tuple[list[Run], str]:
         and not any(key.startswith("val/") for key in run.metrics)
     ]
     return unvalidated, tested
-
-
-def lower_is_better(runs: list[Run], metric: str) -> bool:
-    """As the mode of the monitor of runs that monitor `metric` says; for any other metric, a
-    guess from its name."""
-    for run in runs:
-        name = run.monitor.get("metric")
-        if name and metric in (name, f"{name}_best"):
-            return run.monitor.get("mode") == "min"
-    return "loss" in metric or "error" in metric
-
-
-def _columns(metric: str) -> list[str]:
-    """The ranked metric, its test split's counterpart (val/acc_best: test/acc) and val/loss."""
-    tested = metric.removesuffix("_best").replace("val/", "test/", 1)
-    return list(dict.fromkeys([metric, tested, "val/loss"]))
-
-
-def fmt(value: tuple[float, float, int] | None, n: int) -> str:
-    """A leaderboard cell: the mean (+- std) over the `count` runs of the n in its setting that
-    have the value."""
-    if value is None:
-        return "-"
-    mean, std, count = value
-    text = f"{mean:.4f} +- {std:.4f}" if count > 1 else f"{mean:.4f}"
-    return text if count == n else f"{text} ({count} of {n} runs)"
 
 
 def print_leaderboard(
@@ -340,7 +315,7 @@ def print_leaderboard(
         title=f"runs by {metric} ({better} is better)",
         caption=f"all runs: {shared}" if shared else None,
     )
-    columns = _columns(metric)
+    columns = columns_of(metric)
     for name in ("#", "overrides", "runs", *columns):
         table.add_column(name, justify="left" if name == "overrides" else "right")
     for i, row in enumerate(rows, 1):
@@ -351,19 +326,13 @@ def print_leaderboard(
     console = Console(width=max(100, Console().width))
     console.print(table)
     for run in others:
-        detail = escape(f"{' '.join(run.overrides)} ({run.dir}) {run.error or _progress(run)}")
+        detail = escape(f"{' '.join(run.overrides)} ({run.dir}) {run.error or progress_of(run)}")
         console.print(f"[bold]{run.status}[/bold]: {detail}", highlight=False)
         if run.resume:  # on one line, to be copied whole
             console.print(f"  continue with: {escape(run.resume)}", highlight=False, soft_wrap=True)
     for problem in problems:
         text = escape(f"{problem.path}: {problem.what}")
         console.print(f"[bold]{problem.kind}[/bold]: {text}", highlight=False, soft_wrap=True)
-
-
-def _progress(run: Run) -> str:
-    metric = run.monitor.get("metric")
-    history = run.history(metric) if metric else []
-    return f"at epoch {history[-1][0] + 1}, {metric} {history[-1][1]:.4f}" if history else ""
 
 
 def plot_lr(runs: list[Run], metric: str, path: Path) -> None:

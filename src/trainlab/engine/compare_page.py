@@ -39,6 +39,41 @@ document.querySelectorAll('table.runs th').forEach((th, i) => th.addEventListene
 """
 
 
+# What a leaderboard cell says, on the page and in the terminal (trainlab.engine.compare).
+
+
+def lower_is_better(runs: list[Any], metric: str) -> bool:
+    """As the mode of the monitor of runs that monitor `metric` says; for any other metric, a
+    guess from its name."""
+    for run in runs:
+        name = run.monitor.get("metric")
+        if name and metric in (name, f"{name}_best"):
+            return run.monitor.get("mode") == "min"
+    return "loss" in metric or "error" in metric
+
+
+def columns_of(metric: str) -> list[str]:
+    """The ranked metric, its test split's counterpart (val/acc_best: test/acc) and val/loss."""
+    tested = metric.removesuffix("_best").replace("val/", "test/", 1)
+    return list(dict.fromkeys([metric, tested, "val/loss"]))
+
+
+def fmt(value: tuple[float, float, int] | None, n: int) -> str:
+    """A leaderboard cell: the mean (+- std) over the `count` runs of the n in its setting that
+    have the value."""
+    if value is None:
+        return "-"
+    mean, std, count = value
+    text = f"{mean:.4f} +- {std:.4f}" if count > 1 else f"{mean:.4f}"
+    return text if count == n else f"{text} ({count} of {n} runs)"
+
+
+def progress_of(run: Any) -> str:
+    metric = run.monitor.get("metric")
+    history = run.history(metric) if metric else []
+    return f"at epoch {history[-1][0] + 1}, {metric} {history[-1][1]:.4f}" if history else ""
+
+
 def swept(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(key, each row's value) for each key the settings differ in, in command-line order."""
     values: dict[str, list[str]] = {}
@@ -170,9 +205,7 @@ def page(
     """The page that compare writes into `folder` (links to the runs are relative to it)."""
     import base64
 
-    from trainlab.engine.compare import _columns, _progress, fmt, lower_is_better
-
-    columns = _columns(metric)
+    columns = columns_of(metric)
     keys = swept(rows)
     runs = [run for row in rows for run in row["runs"]]
     curve = next((r.monitor["metric"] for r in runs if r.monitor.get("metric")), None)
@@ -198,7 +231,7 @@ def page(
     def item(run: Any) -> str:
         return (
             f"<li><b>{html.escape(str(run.status))}</b>: {html.escape(' '.join(run.overrides))} "
-            f"{_link(run, folder)} {html.escape(run.error or _progress(run))}"
+            f"{_link(run, folder)} {html.escape(run.error or progress_of(run))}"
             + (f"<br>continue with: <code>{html.escape(run.resume)}</code>" if run.resume else "")
             + "</li>"
         )

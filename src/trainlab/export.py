@@ -9,6 +9,13 @@ checked against the checkpoint before `export` reports success.
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+# The stop handler first of all, then the imports (see trainlab.engine.stopping).
+from trainlab.engine import stopping
+
+if __name__ == "__main__":
+    stopping.install()
+
 import json
 import logging
 import os

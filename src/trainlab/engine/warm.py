@@ -386,11 +386,11 @@ def run_job(job: dict[str, Any]) -> None:
     os.environ[PARENT_ENV] = str(job["server"])  # its jobs' parent: they stop when the server dies
     global this_job
     this_job = job
-    _fresh_state(held=job["held"])
     sys.argv = [job["module"], *job["args"]]
     sys.orig_argv = [sys.executable, "-m", job["module"], *job["args"]]
     sys.modules.pop(job["module"], None)  # run afresh as __main__, as `python -m` does
     try:
+        _fresh_state(held=job["held"])  # (a stop sent meanwhile is taken here: see serve)
         runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
@@ -425,8 +425,10 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF)
 
 
-def _fresh_state(held: bool) -> None:
-    """What a fork shares with the server and its other jobs, and a fresh process would not."""
+def _fresh_state(held: bool, job: bool = True) -> None:
+    """What a fork shares with the server and its other jobs, and a fresh process would not;
+    a job (not a server) handles stop signals from here on, as its entry point would from its
+    first line (trainlab.engine.stopping)."""
     import numpy as np
     import torch
     from hydra.core.global_hydra import GlobalHydra
@@ -439,6 +441,10 @@ def _fresh_state(held: bool) -> None:
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if job:
+        from trainlab.engine import stopping
+
+        stopping.install()
     signal.pthread_sigmask(signal.SIG_SETMASK, [TURN_SIGNAL] if held else [])
 
 
@@ -463,7 +469,7 @@ def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     this_job, _STARTUP_ENV, _STARTUP_CWD = None, dict(env), os.getcwd()
-    _fresh_state(held=False)
+    _fresh_state(held=False, job=False)
     stop_with_parent()
     run_job(serve(sock))
 

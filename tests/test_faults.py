@@ -209,6 +209,30 @@ def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_dir(tmp_path):
     assert not list(tmp_path.glob("logs/train/runs/*"))  # (resume=auto: starts anew)
 
 
+def test_ctrl_c_in_process_stops_after_the_step_and_gives_sigint_back(tmp_path):
+    """Trained in-process (a notebook), with no entry point's handler: Ctrl-C still stops after
+    the step with a checkpoint, and the fit hands SIGINT back as it found it."""
+    import lightning.pytorch as pl
+    from conftest import tiny_trainer
+    from test_values import LossSchedule
+
+    from trainlab.engine.callbacks.guards import StopOnSignal
+    from trainlab.engine.errors import Interrupted
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = tiny_trainer(callbacks=[CtrlC(), StopOnSignal()], default_root_dir=tmp_path)
+    with pytest.raises(Interrupted) as stopped:
+        trainer.fit(LossSchedule([1.0] * 20))
+    assert stopped.value.signum == signal.SIGINT and trainer.global_step == 3
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_step_checkpoints_bound_what_a_kill_loses(tmp_path):
     proc = start(tmp_path, *RUN, "trainer.max_epochs=50", "checkpoint_every_n_steps=7")
     last = wait_for("logs/train/runs/*/checkpoints/last.ckpt", tmp_path, proc)

@@ -41,13 +41,18 @@ class StopOnSignal(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.signum = None
-        if not stopping.installed() and threading.current_thread() is threading.main_thread():
-            # trained in-process (a notebook, say): SIGINT for this fit only (SIGTERM stays
-            # Lightning's, which also restores it)
-            self._handlers = {s: signal.getsignal(s) for s in stopping.SIGNALS}
-            stopping.install(afresh=True)
-            signal.signal(signal.SIGTERM, self._handlers.pop(signal.SIGTERM))
         self._previous, self._taken = stopping.take_over(self._on_stop), True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not stopping.installed() and threading.current_thread() is threading.main_thread():
+            # Trained in-process (a notebook, say): SIGINT comes here for this fit only. Here,
+            # after Lightning noted the handlers it puts back when the fit ends; SIGTERM stays
+            # Lightning's.
+            self._handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+            previous = signal.getsignal(signal.SIGTERM)
+            stopping.install(afresh=True)
+            stopping.take_over(self._on_stop)
+            signal.signal(signal.SIGTERM, previous)
 
     def _on_stop(self, signum: int, again: bool) -> bool:
         if again:

@@ -390,7 +390,9 @@ def run_job(job: dict[str, Any]) -> None:
     sys.orig_argv = [sys.executable, "-m", job["module"], *job["args"]]
     sys.modules.pop(job["module"], None)  # run afresh as __main__, as `python -m` does
     try:
-        _fresh_state(held=job["held"])  # (a stop sent meanwhile is taken here: see serve)
+        # (a stop sent meanwhile is taken here, see serve; by the handler the project's entry
+        # points install on their first line, any other module as a fresh process would)
+        _fresh_state(held=job["held"], entry_point=job["module"].startswith("trainlab."))
         runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
@@ -425,10 +427,10 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF)
 
 
-def _fresh_state(held: bool, job: bool = True) -> None:
+def _fresh_state(held: bool, entry_point: bool = False) -> None:
     """What a fork shares with the server and its other jobs, and a fresh process would not;
-    a job (not a server) handles stop signals from here on, as its entry point would from its
-    first line (trainlab.engine.stopping)."""
+    a job of an entry point handles stop signals from here on, as it would from its first
+    line (trainlab.engine.stopping)."""
     import numpy as np
     import torch
     from hydra.core.global_hydra import GlobalHydra
@@ -441,7 +443,7 @@ def _fresh_state(held: bool, job: bool = True) -> None:
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    if job:
+    if entry_point:
         from trainlab.engine import stopping
 
         stopping.install()
@@ -469,7 +471,7 @@ def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     this_job, _STARTUP_ENV, _STARTUP_CWD = None, dict(env), os.getcwd()
-    _fresh_state(held=False, job=False)
+    _fresh_state(held=False)
     stop_with_parent()
     run_job(serve(sock))
 

@@ -16,10 +16,10 @@ Stopping: SIGINT or SIGTERM to this process (or its process group) is passed on 
 running job, which finishes its step, saves last.ckpt and exits; jobs not started stay
 pending, and the entry point says how to continue. A second signal (a second or more after the
 first: one sent to this process and its group at once, as `timeout -s INT` does, is one stop;
-see trainlab.engine.stopping) stops the jobs at once: each still records itself as interrupted, and
-is killed if it has not ended KILL_AFTER_S later. Jobs run in sessions of their own, so a
-Ctrl-C in the terminal reaches each job once, through here; and each job asks the kernel for
-SIGTERM when this process dies (stop_with_parent).
+see trainlab.engine.stopping) stops the jobs at once: each still records itself as
+interrupted, and is killed if it has not ended KILL_AFTER_S later. Jobs run in sessions of
+their own, so a Ctrl-C in the terminal reaches each job once, through here; and each job asks
+the kernel for SIGTERM when this process dies (stop_with_parent).
 Run again in the same sweep dir (`resume=auto`), finished jobs are kept and the others
 continue from their checkpoints.
 """

@@ -21,8 +21,8 @@ class StopOnSignal(pl.Callback):
     steps_per_call steps), save <run dir>/checkpoints/last.ckpt, and stop with a message saying
     how to resume.
 
-    It takes the signals over from the entry point's handler (trainlab.engine.stopping) while the
-    model fits, so that a stop waits for the end of a step; before and after, a stop ends the
+    It takes the signals over from the entry point's handler (trainlab.engine.stopping) while
+    the model fits, so that a stop waits for the end of a step; before and after, a stop ends the
     run at once. A stop asked again (after engine.stopping.SAME_STOP_S) stops at once.
     Lightning also sees SIGTERM (and tells the other ranks). The message's command is
     run_info.resume_command (see trainlab.engine.callbacks.RunInfo).
@@ -34,7 +34,7 @@ class StopOnSignal(pl.Callback):
         self.signum: int | None = None
         self._previous: stopping.Taker | None = None
         self._taken = False
-        self._handlers: dict = {}  # signal handlers to restore after the fit (on_fit_start)
+        self._handlers: dict = {}  # signal handlers to restore after the fit (on_train_start)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.ckpt_dir = Path(trainer.default_root_dir) / "checkpoints"

@@ -13,9 +13,9 @@ a script's background job (`cmd &`): a SIGINT sent to the process, or a Ctrl-C i
 terminal of the script, stops it as it stops a run in the foreground. (To keep a background
 run going past a Ctrl-C, start it in a session of its own: `setsid python -m ...`.)
 
-A signal within SAME_STOP_S of the first is the same stop: `timeout -s INT` signals a process
-and then its whole group, and a terminal's Ctrl-C reaches a process and the tools around it
-at once. A job of a sweep counts every signal (its launcher has told them apart already).
+A signal within SAME_STOP_S of the first is the same stop: `timeout -s INT` signals its
+command and then the command's whole process group, so the command gets it twice at once. A
+job of a sweep counts every signal (its launcher has told them apart already).
 A process forked from this one without exec (a DataLoader worker) leaves stops to its parent.
 """
 

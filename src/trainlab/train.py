@@ -129,6 +129,7 @@ def train(
         )
         if not last.is_file():
             raise  # nothing to continue: the entry point says so (engine.cli)
+        stopping.reported(stop)  # the line is Interrupted's
         raise Interrupted(stop.signum, f"{record['error']}. Resume with: {resume}") from None
     except BaseException as e:
         record["status"] = "failed"

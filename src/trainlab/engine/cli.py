@@ -47,7 +47,10 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
     prepared = Prepared([])
     try:
         _run(entry, hydra_main, sweeps, prepared)
-    except stopping.Stopped as stop:
+    except BaseException as error:
+        stop = error if isinstance(error, stopping.Stopped) else stopping.unreported()
+        if stop is None:
+            raise
         stopping.exit_with(stop, _stopped(entry, stop, prepared))
     finally:
         if prepared.scratch:

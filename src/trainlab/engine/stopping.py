@@ -99,6 +99,12 @@ def held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def unreported() -> Stopped | None:
+    """The stop raised in this process, if no line has said so yet: an error raised on its way
+    out (a library's cleanup that fails when cut short, say) is that stop, not an error."""
+    return _unreported if _pid == os.getpid() else None
+
+
 def reported(stop: Stopped) -> None:
     """The entry point has said in a line why it stops: nothing more at exit."""
     global _unreported

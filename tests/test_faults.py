@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, start_cli
+from conftest import child_env, run_cli, start_cli
 from test_resume import assert_each_row_once, history
 
 # A run long enough to be interrupted between epochs (about a second an epoch here).
@@ -162,6 +163,76 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, signum, code
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from" in result.stdout
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "finished"
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_sigint_early_stops_a_run_started_with_sigint_ignored(tmp_path):
+    """A script's background job (`cmd &`) starts with SIGINT ignored; a SIGINT sent to it on
+    purpose stops it all the same, from its first moments: one line, exit 130."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainlab.train", *RUN, "trainer.max_epochs=2"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as a shell does
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    (line,) = _error_lines(stderr)
+    assert line.startswith("error: stopped by SIGINT")
+    assert not list(tmp_path.glob("logs/train/runs/*"))  # nothing left that could be continued
+
+
+def test_ctrl_c_before_training_is_one_line_and_leaves_no_run_dir(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the run directory
+    exists, before training: held there with SIGSTOP so that the moment is certain."""
+    proc = start_cli("trainlab.train", *RUN, "trainer.max_epochs=2", cwd=tmp_path, new_session=True)
+    wait_for("logs/train/runs/*/.hydra", tmp_path, proc, timeout=120)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        assert not list(tmp_path.glob("logs/train/runs/*/checkpoints/*"))  # before training
+        os.killpg(proc.pid, signal.SIGINT)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert _error_lines(stderr) == [
+        "error: stopped by SIGINT before train had saved anything; nothing is left behind."
+    ]
+    assert not list(tmp_path.glob("logs/train/runs/*"))  # (resume=auto: starts anew)
+
+
+def test_ctrl_c_in_process_stops_after_the_step_and_gives_sigint_back(tmp_path):
+    """Trained in-process (a notebook), with no entry point's handler: Ctrl-C still stops after
+    the step with a checkpoint, and the fit hands SIGINT back as it found it."""
+    import lightning.pytorch as pl
+    from conftest import tiny_trainer
+    from test_values import LossSchedule
+
+    from trainlab.engine.callbacks.guards import StopOnSignal
+    from trainlab.engine.errors import Interrupted
+
+    class CtrlC(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = tiny_trainer(callbacks=[CtrlC(), StopOnSignal()], default_root_dir=tmp_path)
+    with pytest.raises(Interrupted) as stopped:
+        trainer.fit(LossSchedule([1.0] * 20))
+    assert stopped.value.signum == signal.SIGINT and trainer.global_step == 3
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_step_checkpoints_bound_what_a_kill_loses(tmp_path):

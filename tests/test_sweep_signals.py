@@ -117,7 +117,7 @@ def assert_all_finished(sweep: Path, resumed: set[str]) -> None:
 @pytest.mark.parametrize(
     ("signum", "to_group"),
     [
-        pytest.param(signal.SIGINT, True, id="ctrl-c"),
+        pytest.param(signal.SIGINT, True, id="timeout-s-INT"),
         pytest.param(signal.SIGTERM, False, id="sigterm-to-parent", marks=pytest.mark.slow),
     ],
 )
@@ -127,8 +127,9 @@ def test_stopped_sweep_records_every_job_and_resume_finishes_it(tmp_path, signum
     sweep = wait_for_checkpoints(tmp_path, proc, 2, 3)
     done = {n: sweep / n / "metrics.json" for n in ("0", "1")}
     before = {n: (path.read_text(), path.stat().st_mtime_ns) for n, path in done.items()}
-    if to_group:
-        os.killpg(proc.pid, signum)  # what Ctrl-C in a terminal does
+    if to_group:  # what `timeout -s INT` does: the sweep, then its whole group, at once
+        proc.send_signal(signum)
+        os.killpg(proc.pid, signum)  # (a terminal's Ctrl-C sends only this): one stop all the same
     else:
         proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
@@ -244,22 +245,39 @@ def test_ctrl_c_while_the_server_imports_starts_no_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_ctrl_c_stops_at_once(tmp_path):
+def test_second_stop_stops_the_jobs_at_once(tmp_path):
+    """A second stop, a while after the first, stops the jobs at once; each still records
+    itself as interrupted. The jobs are held (SIGSTOP) until both have been passed on, so that
+    neither has ended after the first: the second is a SIGTERM, which the kernel does not
+    merge with the SIGINT still waiting."""
     proc = start(tmp_path, *SWEEP, NONE_DONE)
     sweep = wait_for_checkpoints(tmp_path, proc, 0, 1)
-    os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=30)
-    none_left_in(tmp_path, within=5)
+    held = [psutil.Process(jobs(sweep)[num]["pid"]) for num in ("0", "1")]
+    for job in held:
+        job.suspend()
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.5)  # (within a second of the first, it would be the same stop)
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+    finally:
+        for job in held:
+            job.resume()
+    _, stderr = proc.communicate(timeout=60)
+    none_left_in(tmp_path, within=15)
     assert proc.returncode == 130 and "Traceback" not in stderr
-    assert "killing every job now" in stderr
+    assert "SIGTERM again: stopping every job at once" in stderr
     statuses = [job["status"] for job in jobs(sweep).values()]
     assert statuses == ["interrupted"] * 2 + ["pending"] * 2
+    for num in ("0", "1"):
+        metrics = json.loads((sweep / num / "metrics.json").read_text())
+        assert metrics["status"] == "interrupted" and "at once" in metrics["error"]
 
 
 @pytest.mark.slow
-def test_stopped_optuna_study_continues_with_resume_auto(tmp_path):
+def test_stopped_optuna_trial_continues_inside_its_study(tmp_path):
+    """An Optuna trial cut off by a stop stays running in its study; the sweep's command again
+    continues it as the same trial, from its checkpoint, and tells the study its value."""
     import optuna
     from optuna.trial import TrialState
 
@@ -279,17 +297,28 @@ def test_stopped_optuna_study_continues_with_resume_auto(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     none_left_in(tmp_path)
     assert proc.returncode == 130 and "Traceback" not in stderr
-    assert "new trials replace the interrupted ones" in stderr
+    assert "interrupted ones continue as the same trials" in stderr
+    again = stderr.split("Continue the sweep with: ")[1].split(" (finished trials")[0]
+    # what sweep.json, compare and the trial's own message offer: the sweep, not the trial alone
+    assert jobs(study_dir)["1"]["resume"] == again
+    assert f"Resume with: {again}" in (study_dir / "1" / "console.log").read_text()
     first = (study_dir / "0" / "metrics.json").read_text()
+    storage = f"sqlite:///{study_dir / 'optuna.db'}"
+    cut_off = optuna.load_study(study_name="stopped", storage=storage).trials[1]
+    assert cut_off.state == TrialState.RUNNING and cut_off.user_attrs["interrupted"]
 
-    result = resume(tmp_path, *command)
+    result = run_cli("trainlab.train", *shlex.split(again)[3:], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     statuses = {num: job["status"] for num, job in jobs(study_dir).items()}
-    assert statuses == {"0": "finished", "1": "dropped", "2": "finished", "3": "finished"}
+    assert statuses == {"0": "finished", "1": "finished", "2": "finished"}
     assert (study_dir / "0" / "metrics.json").read_text() == first
-    storage = f"sqlite:///{study_dir / 'optuna.db'}"
     study = optuna.load_study(study_name="stopped", storage=storage)
-    assert [t.state for t in study.trials].count(TrialState.COMPLETE) == 3
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    continued = json.loads((study_dir / "1" / "metrics.json").read_text())
+    assert continued["status"] == "finished" and continued["resumed_from"]
+    assert study.trials[1].params == cut_off.params
+    assert study.trials[1].value == continued["monitor"]["best"]
+    assert jobs(study_dir)["1"]["val/acc_best"] == continued["val/acc_best"]
 
 
 def test_a_dead_sweep_is_told_from_a_running_one(tmp_path):

@@ -6,6 +6,13 @@ The model and data set are rebuilt from the config stored in the checkpoint; the
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+# The stop handler first of all, then the imports (see trainlab.engine.stopping).
+from trainlab.engine import stopping
+
+if __name__ == "__main__":
+    stopping.install()
+
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

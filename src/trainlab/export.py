@@ -13,6 +13,13 @@ docs/trust.md): `predict` reads one only with trust_model_file=true.
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+# The stop handler first of all, then the imports (see trainlab.engine.stopping).
+from trainlab.engine import stopping
+
+if __name__ == "__main__":
+    stopping.install()
+
 import json
 import logging
 import os

@@ -15,6 +15,13 @@ An ONNX model runs on onnxruntime alone: torch is imported only for the other tw
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+# The stop handler first of all, then the imports (see trainlab.engine.stopping).
+from trainlab.engine import stopping
+
+if __name__ == "__main__":
+    stopping.install()
+
 import csv
 import json
 from collections.abc import Sequence

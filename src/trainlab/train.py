@@ -6,6 +6,13 @@ checked, so `--help` and typos answer at once.
 
 from __future__ import annotations
 
+# ruff: noqa: E402
+# The stop handler first of all, then the imports (see trainlab.engine.stopping).
+from trainlab.engine import stopping
+
+if __name__ == "__main__":
+    stopping.install()
+
 import os
 import sys
 import time
@@ -53,7 +60,9 @@ def train(
     resume_from, carried, changes = _resume_point(cfg, run_dir)
 
     again = [o for o in overrides if not o.startswith("resume=")]
-    resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
+    resume = pruning.study_command() or train_command(
+        *again, "resume=auto", override("hydra.run.dir", run_dir)
+    )
     run_info = RunInfo(config=config, resume_command=resume, changes=changes)
     monitored = Best(cfg.monitor.metric, cfg.monitor.mode)  # the run's best value: metrics.json
     callbacks = [*_callbacks(cfg, run_info), monitored]
@@ -126,6 +135,18 @@ def train(
         record["status"] = "interrupted"
         record["error"] = str(e)
         raise
+    except stopping.Stopped as stop:  # before StopOnSignal took over, or asked again
+        record["status"] = "interrupted"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        saved = f"the last checkpoint is {last}" if last.is_file() else "no checkpoint yet"
+        record["error"] = (
+            f"stopped by {stop.name} at once at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; {saved}"
+        )
+        if not last.is_file():
+            raise  # nothing to continue: the entry point says so (engine.cli)
+        stopping.reported(stop)  # the line is Interrupted's
+        raise Interrupted(stop.signum, f"{record['error']}. Resume with: {resume}") from None
     except BaseException as e:
         record["status"] = "failed"
         record["error"] = f"{type(e).__name__}: {e}"
@@ -149,7 +170,8 @@ def train(
         if trainer.is_global_zero:
             _log_ranked_hparams(loggers, run_record.chosen_hparams(hparams, overrides), record)
             try:
-                run_record.write_json(run_dir / run_record.METRICS_FILE, record)
+                with stopping.held():  # whole, whatever signal comes meanwhile
+                    run_record.write_json(run_dir / run_record.METRICS_FILE, record)
             except OSError as e:  # e.g. the disk is full: report it, keep the original error
                 print(f"could not write {run_dir / run_record.METRICS_FILE}: {e}", file=sys.stderr)
         _finish_wandb()

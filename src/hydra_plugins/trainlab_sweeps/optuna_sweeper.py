@@ -19,8 +19,13 @@ continues it. `storage=` takes any Optuna database URL (sqlite:///..., postgresq
 mysql+pymysql://...) or the path of a journal file (any value without "://"; Optuna's
 JournalStorage, which needs only a shared file system). Several sweep commands, on several
 machines, can work on one such study: together they run n_trials. Finished, pruned, running and
-self-failed trials are counted; a trial cut off by an interruption is marked failed and not
-counted.
+self-failed trials are counted.
+
+A trial cut off (the sweep stopped by a signal, or killed) stays RUNNING in the study, marked
+`interrupted`; the same sweep command run again (with resume=auto, or not) first continues each
+such trial of this host as the same trial, in its own directory and from its checkpoint, with
+the same parameters, and tells the study its value. Only a trial whose parameters no longer fit
+the search space is marked failed instead (and a new trial replaces it).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import threading
 import warnings
@@ -44,6 +48,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from omegaconf import DictConfig, OmegaConf
 
+from trainlab.engine import stopping
 from trainlab.engine.commands import override
 from trainlab.engine.errors import UserError, exit_on_user_error
 
@@ -93,6 +98,7 @@ class OptunaSweeper(Sweeper):
         self._asking = threading.Lock()  # one worker at a time asks and checks the budget
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        self._cut_off: list[Any] = []  # trials an earlier sweep left running: continued first
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
@@ -146,7 +152,7 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = self._open_study(storage)
-        self._fail_orphans(study)
+        self._cut_off = self._orphans(study, space)
         done = self._counted(study)
         if done:
             log.info(f"Continuing study '{self.study_name}': {done} of {self.n_trials} counted")
@@ -156,6 +162,8 @@ class OptunaSweeper(Sweeper):
                 "study": self.study_name,
                 "pruner": self.pruner,
                 "pruner_args": self.pruner_args,
+                # what continues a trial: this sweep (see trainlab.callbacks.pruning)
+                "resume": getattr(self.launcher, "continue_command", lambda: None)(),
             }
         )
         if n_jobs == 1:  # in this thread, where the launcher handles signals itself
@@ -207,11 +215,13 @@ class OptunaSweeper(Sweeper):
         # first trials. Each its own; a shared study's order is not repeatable anyway.
         return zlib.crc32(f"{self.seed}:{socket.gethostname()}:{os.getpid()}".encode())
 
-    def _fail_orphans(self, study: Any) -> None:
-        """Trials left running by a sweep of this host that is gone (interrupted or killed):
-        marked failed, so that they are not counted. Other hosts' running trials are theirs."""
+    def _orphans(self, study: Any, space: dict[str, Any]) -> list[Any]:
+        """Trials left running by a sweep of this host that is gone (stopped or killed), to be
+        continued as they were. Other hosts' running trials are theirs. One whose parameters
+        do not fit this search space cannot be: marked failed, and not counted."""
         from optuna.trial import TrialState
 
+        orphans = []
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get("owner")
             if owner is None:
@@ -220,51 +230,49 @@ class OptunaSweeper(Sweeper):
             else:
                 host, pid = owner.rsplit(":", 1)
                 orphan = host == socket.gethostname() and not _alive(int(pid))
-            if orphan:
-                log.info(f"Trial {trial.number} was cut off by an interruption: marked failed")
+            if not orphan:
+                continue
+            if trial.distributions == space:
+                log.info(f"Trial {trial.number} was cut off: continuing it")
+                orphans.append(trial)
+            else:
+                log.info(f"Trial {trial.number} was cut off, and the search space has changed")
                 study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        return orphans
 
     def _work_in_threads(self, n_jobs: int, study: Any, space: dict, fixed: list[str]) -> None:
-        """n_jobs workers, each running one trial after another. Signals reach this (the main)
-        thread: they stop the workers asking, and the launcher's handler stops the jobs."""
+        """n_jobs workers, each running one trial after another. A stop (trainlab.engine.stopping)
+        reaches the launcher, which stops the jobs; the workers then ask for no more."""
         workers = [
             threading.Thread(target=self._work, args=(study, space, fixed), name=f"trials-{i}")
             for i in range(n_jobs)
         ]
-        passed_on = getattr(self.launcher, "_on_signal", None)
-
-        def on_signal(signum: int, frame: Any) -> None:
-            self._stop.set()
-            if passed_on is not None:
-                passed_on(signum, frame)
-            else:
-                signal.default_int_handler(signum, frame)
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
 
     def _work(self, study: Any, space: dict, fixed: list[str]) -> None:
-        """Ask for a trial, run it, tell its result; again until the study has its n_trials."""
+        """Ask for a trial (or take one cut off earlier), run it, tell its result; again until
+        the study has its n_trials."""
+        import optuna
         from optuna.trial import TrialState
 
-        while not self._stop.is_set():
+        while not self._stop.is_set() and stopping.requested() is None:
             with self._asking:
-                if self._counted(study) >= self.n_trials:
-                    return
-                trial = study.ask(space)
+                if self._cut_off:
+                    frozen = self._cut_off.pop(0)
+                    trial = optuna.trial.Trial(study, frozen._trial_id)
+                else:
+                    if self._counted(study) >= self.n_trials:
+                        return
+                    trial = study.ask(space)
+                    if not self._within_budget(study, trial.number):
+                        # Another sweep on this study asked at the same moment and came first.
+                        trial.set_user_attr("skipped", "the study already had its n_trials")
+                        study.tell(trial, state=TrialState.FAIL)
+                        return
                 trial.set_user_attr("owner", f"{socket.gethostname()}:{os.getpid()}")
-                if not self._within_budget(study, trial.number):
-                    # Another sweep on this study asked at the same moment and came first.
-                    trial.set_user_attr("skipped", "the study already had its n_trials")
-                    study.tell(trial, state=TrialState.FAIL)
-                    return
             overrides = [
                 *fixed,
                 *(_param(self._names[key], trial.params[key]) for key in space),
@@ -272,7 +280,10 @@ class OptunaSweeper(Sweeper):
             try:
                 (ret,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
             except BaseException as e:  # stopped by a signal, or a bug: stop every worker
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if type(e).__name__ == "SweepStopped":  # (the launcher's module is reloaded)
+                    trial.set_user_attr("interrupted", True)  # left running: to continue
+                else:
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 self._stop.set()
                 self._errors.append(e)
                 return
@@ -287,8 +298,8 @@ class OptunaSweeper(Sweeper):
             study.tell(trial, value)
         elif status == "pruned":
             study.tell(trial, state=TrialState.PRUNED)  # its last reported value is kept
-        elif status in ("interrupted", "pending"):  # stopped by a signal: not counted
-            study.tell(trial, state=TrialState.FAIL)
+        elif status in ("interrupted", "pending"):  # stopped by a signal: continued later
+            trial.set_user_attr("interrupted", True)
             self._stop.set()
         else:
             trial.set_user_attr("error", record.get("error") or f"no value of {self.metric}")

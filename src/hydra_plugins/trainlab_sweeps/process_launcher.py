@@ -14,9 +14,12 @@ interrupted), error, final metrics and, when interrupted, the command that conti
 
 Stopping: SIGINT or SIGTERM to this process (or its process group) is passed on to every
 running job, which finishes its step, saves last.ckpt and exits; jobs not started stay
-pending, and the entry point says how to continue. A second signal kills the jobs at once.
-Jobs run in sessions of their own, so a Ctrl-C in the terminal reaches each job once, through
-here; and each job asks the kernel for SIGTERM when this process dies (stop_with_parent).
+pending, and the entry point says how to continue. A second signal (a second or more after the
+first: one sent to this process and its group at once, as `timeout -s INT` does, is one stop;
+see trainlab.engine.stopping) stops the jobs at once: each still records itself as
+interrupted, and is killed if it has not ended KILL_AFTER_S later. Jobs run in sessions of
+their own, so a Ctrl-C in the terminal reaches each job once, through here; and each job asks
+the kernel for SIGTERM when this process dies (stop_with_parent).
 Run again in the same sweep dir (`resume=auto`), finished jobs are kept and the others
 continue from their checkpoints.
 """
@@ -24,7 +27,6 @@ continue from their checkpoints.
 from __future__ import annotations
 
 import codecs
-import contextlib
 import json
 import logging
 import os
@@ -35,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trainlab.engine import stopping
 from trainlab.engine.commands import override, shell
 from trainlab.engine.jobs import PARENT_ENV, SWEEP_ENV
 
@@ -53,6 +55,7 @@ SUMMARY_FILE = "sweep.json"
 JOB_ENV = "TRAINLAB_SWEEP_JOB"  # and its number (for Optuna's sweeper, the trial's number)
 DONE = ("finished", "pruned")  # a job's ends that need nothing more
 HEARTBEAT_S = 10  # how often a running sweep touches sweep.json; silent 6 times this: dead
+KILL_AFTER_S = 10  # a job told twice to stop is killed if it still runs this much later
 
 
 class SweepStopped(BaseException):
@@ -96,6 +99,8 @@ class ProcessLauncher(Launcher):
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        if not self.dry_run:  # from here to the sweep's end, a stop stops its jobs
+            stopping.take_over(self._on_signal)
         if self.warm and not self.dry_run and self._server is None:
             from trainlab.engine import warm
 
@@ -119,7 +124,7 @@ class ProcessLauncher(Launcher):
             if self.record is None:
                 sweep_dir = Path(self.config.hydra.sweep.dir)
                 shared = bool(OmegaConf.select(self.config, "hydra.sweeper.storage"))
-                self.record = SweepRecord(sweep_dir, self._continue_command(), shared)
+                self.record = SweepRecord(sweep_dir, self.continue_command(), shared)
                 self.record.data["sweeper"] = OmegaConf.select(
                     self.config, "hydra.sweeper._target_", default=None
                 )
@@ -147,7 +152,7 @@ class ProcessLauncher(Launcher):
                 slots.put(slot)
 
         try:
-            with _signals_to(self._on_signal), ThreadPoolExecutor(max_workers=workers) as pool:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
                 returns = list(pool.map(run, range(len(jobs))))
         finally:
             self._drop_held()
@@ -168,7 +173,7 @@ class ProcessLauncher(Launcher):
         job_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
         return {"num": num, "overrides": overrides, "dir": job_dir, "cfg": cfg}
 
-    def _continue_command(self) -> str:
+    def continue_command(self) -> str:
         """This command with resume=auto: it finds this sweep again and continues it."""
         args = [a for a in sys.argv[1:] if a != "resume=auto"]
         return shell(["python", "-m", self.module, *args, "resume=auto"])
@@ -235,15 +240,15 @@ class ProcessLauncher(Launcher):
         finally:
             self._running.pop(job["num"], None)
 
-        stopping = self._stopping is not None
+        stopped = self._stopping is not None
         metrics = _metrics(job)
         entry.update({k: v for k, v in metrics.items() if "/" in k})
         entry["exit_code"] = exit_code
         entry["duration_s"] = round(time.perf_counter() - started, 2)
-        if metrics.get("status") in ("finished", "pruned") and (exit_code == 0 or stopping):
+        if metrics.get("status") in ("finished", "pruned") and (exit_code == 0 or stopped):
             # pruned: stopped early by Optuna's pruner; a signal after its end loses nothing
             entry["status"] = metrics["status"]
-        elif stopping or metrics.get("status") == "interrupted":
+        elif stopped or metrics.get("status") == "interrupted":
             entry["status"] = "interrupted"
             entry["resume"] = self._job_command(job)
         else:
@@ -326,17 +331,23 @@ class ProcessLauncher(Launcher):
             return server
 
     def _job_command(self, job: dict[str, Any]) -> str:
-        """The command that continues this one job alone, from its checkpoint."""
+        """The command that continues this one job from its checkpoint: the sweep's own for a
+        trial of an Optuna study (its value must reach the study), else the job's alone."""
+        assert self.record is not None
+        if _study_sweep(self.record.data):
+            return self.record.data["resume"]
         args = [o for o in job["overrides"] if o != "resume=auto"]
         run_dir = override("hydra.run.dir", job["dir"])
         return shell(["python", "-m", self.module, *args, "resume=auto", run_dir])
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        """SIGINT or SIGTERM: every running job finishes its step, saves and stops, and no
-        new job starts. Asked again: every job is killed at once."""
+    def _on_signal(self, signum: int, again: bool) -> bool:
+        """SIGINT or SIGTERM (trainlab.engine.stopping takes one that reaches this process and
+        its group at once for one stop): every running job finishes its step, saves and stops,
+        and no new job starts. Asked again: every job stops at once, and is killed
+        KILL_AFTER_S later if it has not ended by then."""
         running = list(self._running.values())
         name = signal.Signals(signum).name
-        if self._stopping is None:
+        if not again:
             self._stopping = signum
             print(
                 f"\n{name}: stopping the sweep; {len(running)} running job(s) finish their step "
@@ -347,10 +358,14 @@ class ProcessLauncher(Launcher):
             for proc in running:
                 _send(proc, signum)
             self._drop_held()
-        else:
-            print(f"\n{name} again: killing every job now", file=sys.stderr, flush=True)
-            for proc in running:
-                _send(proc, signal.SIGKILL, group=True)
+            return False
+        print(f"\n{name} again: stopping every job at once", file=sys.stderr, flush=True)
+        for proc in running:
+            _send(proc, signum)  # each records itself as interrupted (metrics.json)
+        killer = threading.Timer(KILL_AFTER_S, _kill_left, args=(running,))
+        killer.daemon = True  # the sweep waits for its jobs anyway
+        killer.start()
+        return False
 
     def _job_return(self, job: dict[str, Any], value: Any) -> JobReturn:
         # Always COMPLETED: Hydra's sweepers stop the whole sweep at a FAILED job, while a
@@ -549,7 +564,7 @@ def run_and_report(hydra_main: Any, sweep_dir: Path | None, since: float) -> Non
         report(stopped.record, stopped.signum)
     record = sweep_dir / SUMMARY_FILE if sweep_dir else None
     if record and record.is_file() and record.stat().st_mtime >= since:
-        report(record)
+        report(record, stopping.requested())  # a stop between two launches, say
 
 
 def report(record: Path, signum: int | None = None) -> None:
@@ -587,8 +602,8 @@ def report(record: Path, signum: int | None = None) -> None:
             for j in failed
         )
         words.append(f"{len(failed)} job(s) of the sweep failed: {detail}.")
-    if "Optuna" in str(summary.get("sweeper")):
-        how = "finished trials are kept, and new trials replace the interrupted ones"
+    if _study_sweep(summary):
+        how = "finished trials are kept, interrupted ones continue as the same trials"
     else:
         how = "finished jobs are kept, interrupted ones continue from their checkpoints"
     words.append(f"Details in {record}. Continue the sweep with: {summary['resume']} ({how}).")
@@ -596,18 +611,16 @@ def report(record: Path, signum: int | None = None) -> None:
     raise SystemExit(1 if signum is None else 128 + signum)
 
 
-@contextlib.contextmanager
-def _signals_to(handler: Any) -> Iterator[None]:
-    """SIGINT and SIGTERM go to `handler` inside the block (only the main thread can ask)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+def _study_sweep(record: dict[str, Any]) -> bool:
+    """Whether a sweep's jobs are trials of an Optuna study (sweep.json's sweeper)."""
+    return "Optuna" in str(record.get("sweeper"))
+
+
+def _kill_left(procs: list[Any]) -> None:
+    """Jobs told twice to stop that still run: killed, with what they started."""
+    for proc in procs:
+        if proc.poll() is None:
+            _send(proc, signal.SIGKILL, group=True)
 
 
 def _send(proc: subprocess.Popen, signum: int, group: bool = False) -> None:

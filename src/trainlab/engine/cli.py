@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainlab.engine import jobs, run_dirs, warm
+from trainlab.engine import jobs, run_dirs, stopping, warm
 from trainlab.engine.commands import override
 from trainlab.engine.config import check_command_line
 from trainlab.engine.errors import exit_on_user_error
@@ -43,6 +43,29 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
     """Prepare sys.argv for Hydra, run the entry point's Hydra main, and, where it can sweep,
     report a sweep that was stopped or whose jobs did not all finish (one paragraph, non-zero
     exit). A job of a sweep also stops when its sweep dies."""
+    stopping.install()  # (the entry point's first line did already; see trainlab.engine.stopping)
+    prepared = Prepared([])
+    try:
+        _run(entry, hydra_main, sweeps, prepared)
+    except BaseException as error:
+        stop = error if isinstance(error, stopping.Stopped) else stopping.unreported()
+        if stop is None:
+            if isinstance(error, SystemExit) and error.code == 2:  # refused inside Hydra
+                _remove_hydra_files(prepared.created)
+            raise
+        stopping.exit_with(stop, _stopped(entry, stop, prepared))
+    finally:
+        if prepared.scratch:
+            shutil.rmtree(prepared.scratch, ignore_errors=True)
+        # A command refused once Hydra ran (a sweeper setting, say) leaves no empty directory
+        # behind; rmdir leaves any that holds something.
+        for path in prepared.created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def _run(entry: str, hydra_main: Callable[[], Any], sweeps: bool, prepared: Prepared) -> None:
+    """run()'s work; `prepared` is filled in as soon as the command line is (see run)."""
     from hydra_plugins.trainlab_sweeps import process_launcher
 
     if sweeps:
@@ -50,29 +73,36 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
         if _warm_sweep(sys.argv[1:]):
             warm.start_early()  # its imports run while the sweep is checked and composed
     with exit_on_user_error():
-        prepared = (
-            # a sweep's job from the fork server: the launcher built and checked its command line
-            Prepared(sys.argv[1:]) if warm.sweep_job() else prepare(entry, sys.argv[1:], sweeps)
-        )
+        if warm.sweep_job():  # from the fork server: the launcher built and checked it
+            ready = Prepared(sys.argv[1:])
+        else:
+            ready = prepare(entry, sys.argv[1:], sweeps, made=prepared.created)
+    vars(prepared).update(vars(ready))
     sys.argv[1:] = prepared.argv
     started = time.time()
-    try:
-        if sweeps:
-            process_launcher.run_and_report(hydra_main, prepared.sweep_dir, since=started)
+    if sweeps:
+        process_launcher.run_and_report(hydra_main, prepared.sweep_dir, since=started)
+    else:
+        hydra_main()
+
+
+def _stopped(entry: str, stop: stopping.Stopped, prepared: Prepared) -> str:
+    """What to say of a stop that reached the entry point: one that came before the run had
+    saved anything it could continue from. The run (or sweep) directory this command made is
+    removed, unless it holds such a thing: a checkpoint, or jobs of the sweep."""
+    made = prepared.created[0] if prepared.created else None
+    if made is not None and made.is_dir():
+        if prepared.sweep_dir is None:
+            keep = any(made.glob("checkpoints/*.ckpt"))
         else:
-            hydra_main()
-    except SystemExit as e:
-        if e.code == 2:  # refused (errors.exit_with) inside Hydra: nothing of its own was made
-            _remove_hydra_files(prepared.created)
-        raise
-    finally:
-        if prepared.scratch:
-            shutil.rmtree(prepared.scratch, ignore_errors=True)
-        # A command refused once Hydra ran (a sweeper setting, say) leaves no empty directory
-        # behind; rmdir leaves any that holds something.
-        with contextlib.suppress(OSError):
-            for path in prepared.created:
-                path.rmdir()
+            keep = any(p.name not in (".hydra", "multirun.yaml") for p in made.iterdir())
+        if keep:
+            return (
+                f"stopped by {stop.name}; {made} is kept: run the same command with "
+                "resume=auto to continue it."
+            )
+        shutil.rmtree(made, ignore_errors=True)  # (its parents made for it go in run's finally)
+    return f"stopped by {stop.name} before {entry} had saved anything; nothing is left behind."
 
 
 def _remove_hydra_files(created: list[Path]) -> None:
@@ -90,9 +120,13 @@ def _remove_hydra_files(created: list[Path]) -> None:
                 log.unlink()
 
 
-def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
+def prepare(
+    entry: str, argv: list[str], sweeps: bool = True, made: list[Path] | None = None
+) -> Prepared:
     """The command line `python -m trainlab.<entry> <argv>` as Hydra must read it (see the
-    module's docstring); a UserError where it is wrong."""
+    module's docstring); a UserError where it is wrong. The directories it makes are added to
+    `made` at once (a stop meanwhile removes them; see run)."""
+    made = [] if made is None else made
     dry_run = sweeps and "--dry-run" in argv
     # -m first: Hydra's parser takes no flag after an override (`a=1 -m b=2,3` fails there)
     argv = [a for a in argv if a in MULTIRUN] + [a for a in argv if a not in MULTIRUN]
@@ -100,7 +134,9 @@ def prepare(entry: str, argv: list[str], sweeps: bool = True) -> Prepared:
     if dry_run:
         return _dry_run(argv)
     argv = [*argv, *_resume_run(entry, argv), *_resume_sweep(entry, argv)]
-    chosen = run_dirs.claim_run_dir(entry, argv)
+    with stopping.held():  # a stop waits until the directories made are known to `made`
+        chosen = run_dirs.claim_run_dir(entry, argv)
+        made.extend(chosen.created)
     return Prepared([*argv, *chosen.arguments], chosen.sweep_dir, created=chosen.created)
 
 

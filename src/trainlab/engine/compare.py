@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra_plugins.trainlab_sweeps.process_launcher import SUMMARY_FILE, sweep_status
+from trainlab.engine import stopping
 from trainlab.engine.commands import override, train_command
 from trainlab.engine.compare_page import columns_of, fmt, lower_is_better, progress_of
 from trainlab.engine.config import is_bookkeeping
@@ -179,11 +180,15 @@ def _load_run(run_dir: Path, job: dict[str, Any], problems: list[Problem]) -> Ru
     if status == "interrupted" and not resume and not job:  # a single run
         again = [o for o in overrides if not o.startswith("resume=")]
         resume = train_command(*again, "resume=auto", override("hydra.run.dir", run_dir))
+    error = source.get("error") or job.get("error")
+    if not source and not damaged and not any(run_dir.glob("checkpoints/*.ckpt")):
+        # e.g. a run killed before it trained (a stop removes such a run's directory)
+        error = "no metrics.json and no checkpoint: starting, or ended before it saved anything"
     run = Run(
         dir=run_dir,
         overrides=list(overrides),
         status=status,
-        error=source.get("error") or job.get("error"),
+        error=error,
         metrics={k: v for k, v in source.items() if "/" in k and isinstance(v, (int, float))},
         config=config if isinstance(config, dict) else {},
         resume=resume,
@@ -473,8 +478,12 @@ def main(argv: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no window
-    with exit_on_user_error():
-        result = compare(args.dirs, args.metric, args.out or args.dirs[0] / "compare", args.top)
+    out = args.out or args.dirs[0] / "compare"
+    try:
+        with exit_on_user_error():
+            result = compare(args.dirs, args.metric, out, args.top)
+    except stopping.Stopped as stop:
+        stopping.exit_with(stop, f"stopped by {stop.name}; the report in {out} is incomplete.")
     if not result["rows"]:
         print(f"error: no finished run has {result['metric']}.", file=sys.stderr)
         raise SystemExit(1)

@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+from trainlab.engine import stopping
+
 SWEEP_ENV = "TRAINLAB_SWEEP"  # tells a job the name of its sweep (its W&B group)
 PARENT_ENV = "TRAINLAB_SWEEP_PARENT"  # the launcher's pid: its jobs stop when it dies
 
@@ -23,6 +25,8 @@ def stop_with_parent() -> None:
     Linux only; elsewhere the jobs of a killed sweep run to their end.
     """
     parent = os.environ.pop(PARENT_ENV, None)  # not inherited by processes the job starts
+    if parent is not None and SWEEP_ENV in os.environ:
+        stopping.count_every_signal()  # the launcher signals a job twice only when asked twice
     if parent is None or not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from trainlab.engine import stopping
 from trainlab.engine.errors import UserError, exit_on_user_error
 
 COMMAND_HEAD = ["${env}", "${interpreter}", "-m", "trainlab.train"]
@@ -119,6 +120,13 @@ def check_definition(sweep: Any, source: str) -> None:
 
 
 def main() -> None:
+    try:
+        _main()
+    except stopping.Stopped as stop:
+        stopping.exit_with(stop, f"stopped by {stop.name}; nothing was checked or written.")
+
+
+def _main() -> None:
     import yaml
 
     with exit_on_user_error():

@@ -386,11 +386,13 @@ def run_job(job: dict[str, Any]) -> None:
     os.environ[PARENT_ENV] = str(job["server"])  # its jobs' parent: they stop when the server dies
     global this_job
     this_job = job
-    _fresh_state(held=job["held"])
     sys.argv = [job["module"], *job["args"]]
     sys.orig_argv = [sys.executable, "-m", job["module"], *job["args"]]
     sys.modules.pop(job["module"], None)  # run afresh as __main__, as `python -m` does
     try:
+        # (a stop sent meanwhile is taken here, see serve; by the handler the project's entry
+        # points install on their first line, any other module as a fresh process would)
+        _fresh_state(held=job["held"], entry_point=job["module"].startswith("trainlab."))
         runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
@@ -425,8 +427,10 @@ def _exit(code: int) -> None:
     os._exit(code & 0xFF)
 
 
-def _fresh_state(held: bool) -> None:
-    """What a fork shares with the server and its other jobs, and a fresh process would not."""
+def _fresh_state(held: bool, entry_point: bool = False) -> None:
+    """What a fork shares with the server and its other jobs, and a fresh process would not;
+    a job of an entry point handles stop signals from here on, as it would from its first
+    line (trainlab.engine.stopping)."""
     import numpy as np
     import torch
     from hydra.core.global_hydra import GlobalHydra
@@ -439,6 +443,10 @@ def _fresh_state(held: bool) -> None:
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if entry_point:
+        from trainlab.engine import stopping
+
+        stopping.install()
     signal.pthread_sigmask(signal.SIG_SETMASK, [TURN_SIGNAL] if held else [])
 
 

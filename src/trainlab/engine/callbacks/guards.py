@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
+from trainlab.engine import stopping
 from trainlab.engine.callbacks import RunInfo
 from trainlab.engine.callbacks.progress import epoch_label
 from trainlab.engine.errors import Interrupted, UserError
@@ -19,12 +21,14 @@ from trainlab.engine.memory import Block
 
 class StopOnSignal(pl.Callback):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's notice): finish the current step (or block of
-    steps_per_call steps), save
-    <run dir>/checkpoints/last.ckpt, and stop with a message saying how to resume.
+    steps_per_call steps), save <run dir>/checkpoints/last.ckpt, and stop with a message saying
+    how to resume.
 
-    SIGTERM is Lightning's to catch (it also tells the other ranks); SIGINT is caught here so
-    that it too waits for the end of a step. A second Ctrl-C stops at once. The message's
-    command is run_info.resume_command (see trainlab.engine.callbacks.RunInfo).
+    It takes the signals over from the entry point's handler (trainlab.engine.stopping) while
+    the model fits, so that a stop waits for the end of a step; before and after, a stop ends the
+    run at once. A stop asked again (after engine.stopping.SAME_STOP_S) stops at once.
+    Lightning also sees SIGTERM (and tells the other ranks). The message's command is
+    run_info.resume_command (see trainlab.engine.callbacks.RunInfo).
     """
 
     takes_blocks = True  # its batch hooks take blocks of steps_per_call (trainlab.engine.blocks)
@@ -33,21 +37,36 @@ class StopOnSignal(pl.Callback):
         self.run_info = RunInfo()
         self.ckpt_dir = Path("checkpoints")
         self.signum: int | None = None
-        self._previous = None
+        self._previous: stopping.Taker | None = None
+        self._taken = False
+        self._handlers: dict = {}  # signal handlers to restore after the fit (on_train_start)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.ckpt_dir = Path(trainer.default_root_dir) / "checkpoints"
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.signum = None
-        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self._previous, self._taken = stopping.take_over(self._on_stop), True
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.signum is not None:  # asked twice: stop now
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not stopping.installed() and threading.current_thread() is threading.main_thread():
+            # Trained in-process (a notebook, say): SIGINT comes here for this fit only. Here,
+            # after Lightning noted the handlers it puts back when the fit ends; SIGTERM stays
+            # Lightning's.
+            self._handlers = {signal.SIGINT: signal.getsignal(signal.SIGINT)}
+            previous = signal.getsignal(signal.SIGTERM)
+            stopping.install(afresh=True)
+            stopping.take_over(self._on_stop)
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_stop(self, signum: int, again: bool) -> bool:
+        if again:
+            return True  # stop now
         self.signum = signum
-        print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr)
+        if signum == signal.SIGINT:
+            message = "\nCtrl-C: stopping after this step (press again to stop at once)"
+            print(message, file=sys.stderr)
+        return False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         signum = self.signum or (signal.SIGTERM if trainer.received_sigterm else None)
@@ -70,9 +89,12 @@ class StopOnSignal(pl.Callback):
         self._restore()
 
     def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._taken:
+            stopping.take_over(self._previous)
+            self._previous, self._taken = None, False
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
 
     def _save_and_stop(self, trainer, signum: int) -> None:
         path = self.ckpt_dir / "last.ckpt"

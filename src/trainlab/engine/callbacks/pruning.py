@@ -22,6 +22,13 @@ from trainlab.engine.callbacks.monitor import tracker
 from trainlab.engine.callbacks.progress import epoch_label
 
 
+def study_command() -> str | None:
+    """In a trial of an Optuna sweep, the command that continues it inside its study: the
+    sweep's, run again (a trial continued alone would never report its value)."""
+    study, number = os.environ.get(STUDY_ENV), os.environ.get(JOB_ENV)
+    return json.loads(study).get("resume") if study and number else None
+
+
 def pruned(trainer: pl.Trainer) -> bool:
     return any(isinstance(c, ReportToStudy) and c.pruned for c in trainer.callbacks)
 

@@ -12,13 +12,14 @@ MODELS = ", ".join(group_options("model"))  # as the message lists them
 
 BAD_OVERRIDES = [
     # (override, words the message must contain)
-    ("optimizer.lr=abc", ["optimizer.lr", "expects a number", "'abc'"]),
+    ("optimizer.lr=abc", ["optimizer.lr", "a positive number", "'abc'"]),
     ("optimizer.lr=-0.1", ["optimizer.lr", "positive number"]),
     ("optimizer.lr=0", ["optimizer.lr", "positive number"]),
     ("data.batch_size=0", ["data.batch_size", "positive integer"]),
     ("data.batch_size=-32", ["data.batch_size", "positive integer"]),
     ("data.batch_size=12.5", ["data.batch_size", "positive integer"]),
-    ("trainer.max_epochs=many", ["trainer.max_epochs", "expects a number"]),
+    ("data.val_size=-1", ["data.val_size", "an integer >= 0", "`val_size: NonNegativeInt"]),
+    ("trainer.max_epochs=many", ["trainer.max_epochs", "a positive integer, or -1"]),
     ("seed=-1", ["seed", "integer >= 0"]),
     ("optimizer=adamm", ["optimizer=adamm", "adam, adamw, sgd", "Did you mean 'optimizer=adam'"]),
     ("model=resnet", ["model=resnet", MODELS, "Did you mean 'model=resnet18'"]),
@@ -29,11 +30,15 @@ BAD_OVERRIDES = [
     ("optimizer.lr=1e-3,oops", ["optimizer.lr", "'oops'"]),  # one bad value in a sweep
     ("optimizer.lr=[1", ["cannot read the command line"]),
     ("model.net._target_=os.system", ["asks to build 'os.system'", "no file in"]),
-    # keys that no YAML file writes but the _target_ above them takes: typed by its signature
+    # values of a _target_'s parameters, written in a YAML file or not: checked by its signature
     ("data.per_device=yes", ["data.per_device", "true or false", "`per_device: bool = False`"]),
     ("data.per_device=null", ["data.per_device", "true or false"]),
     ("trainer.benchmark=3", ["trainer.benchmark", "true or false or null"]),
-    ("optimizer.eps=tiny", ["optimizer.eps", "a number", "'tiny'"]),
+    ("optimizer.eps=tiny", ["optimizer.eps", "a positive number", "'tiny'"]),
+    (
+        "trainer.precision=64bit",
+        ["trainer.precision", "one of 64, 32, 16", "lightning.pytorch.Trainer"],
+    ),
     ("data.per_devic=true", ["Did you mean 'data.per_device'", "also takes", "per_device"]),
     ("optimizer.amsgard=true", ["Did you mean 'optimizer.amsgrad'", "torch.optim.Adam"]),
 ]

@@ -130,7 +130,7 @@ class OptunaSweeper(Sweeper):
                 "monitor.mode=min'."
             )
         searched, fixed = _split_arguments(arguments)
-        space = search_space({**self.params, **searched})
+        space = search_space({**self.params, **searched}, self.config)
         # A key that no config file writes (a constructor's parameter) is added, as `++` does.
         self._names = {k: k if _in_config(self.config, k) else f"++{k}" for k in space}
         make_pruner(self.pruner, self.pruner_args)  # a typo fails here, not in every trial
@@ -376,8 +376,9 @@ def make_pruner(name: str, args: dict[str, Any] | None = None) -> Any:
         ) from None
 
 
-def search_space(params: dict[str, str]) -> dict[str, Any]:
-    """Optuna distributions from Hydra sweep expressions."""
+def search_space(params: dict[str, str], config: Any = None) -> dict[str, Any]:
+    """Optuna distributions from Hydra sweep expressions, checked (against the declarations of
+    the `_target_`s in `config`, the sweep's config, where given)."""
     from optuna.distributions import (
         CategoricalDistribution,
         FloatDistribution,
@@ -386,7 +387,7 @@ def search_space(params: dict[str, str]) -> dict[str, Any]:
 
     from trainlab.engine.config import check_sweep_params, glob_options
 
-    check_sweep_params(params, "the Optuna search space (hydra.sweeper.params)")
+    check_sweep_params(params, "the Optuna search space (hydra.sweeper.params)", config)
     parser = OverridesParser.create()
     space = {}
     for key, expression in params.items():

@@ -8,11 +8,12 @@ import csv
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from PIL import Image, UnidentifiedImageError
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -44,13 +45,13 @@ class ImageFilesDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int,
-        num_classes: int,
-        input_shape: list[int],
+        batch_size: PositiveInt,
+        num_classes: PositiveInt,
+        input_shape: list[PositiveInt],
         train_transforms: list[Any] = (),
         mean: list[float] = (0.5,),
-        std: list[float] = (0.5,),
-        num_workers: int | str = "auto",
+        std: list[Annotated[float, Field(gt=0)]] = (0.5,),
+        num_workers: NonNegativeInt | Literal["auto"] = "auto",
         per_device: bool = False,
     ):
         super().__init__()

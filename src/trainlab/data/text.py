@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from trainlab.engine import UserError, per_device_batch_size
 
@@ -39,11 +41,12 @@ class TextDataModule(pl.LightningDataModule):
         self,
         data_dir: str,
         path: str = "input.txt",
-        block_size: int = 128,
-        batch_size: int = 64,
-        batches_per_epoch: int = 250,
-        val_size: int | float = 0.05,
-        test_size: int | float = 0.05,
+        block_size: PositiveInt = 128,
+        batch_size: PositiveInt = 64,
+        batches_per_epoch: PositiveInt = 250,
+        # fractions of the file, or numbers of bytes; test_size=0: no test split
+        val_size: PositiveInt | Annotated[float, Field(gt=0, lt=1)] = 0.05,
+        test_size: NonNegativeInt | Annotated[float, Field(ge=0, lt=1)] = 0.05,
         per_device: bool = False,
     ):
         super().__init__()

@@ -53,7 +53,7 @@ class TorchvisionDataModule(ImageDataModule):
             )
             raise UserError(
                 f"{name} was not found (or is unreadable) under {self.data_dir} and {tried} "
-                f"({str(e).strip() or type(e).__name__}). On a machine "
+                f"({' '.join(str(e).split()) or type(e).__name__}). On a machine "
                 f"with internet, run once with data.download=true and copy the folder over; or "
                 f"place the files yourself: {self.files_hint.format(root=self.data_dir)}. "
                 f"paths.data_dir=... points at another data folder."

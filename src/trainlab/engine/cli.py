@@ -51,7 +51,7 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
         stop = error if isinstance(error, stopping.Stopped) else stopping.unreported()
         if stop is None:
             if isinstance(error, SystemExit) and error.code == 2:  # refused inside Hydra
-                _remove_hydra_files(prepared.created)
+                run_dirs.remove_unless_kept(prepared.created)  # nothing worth keeping in it
             raise
         stopping.exit_with(stop, _stopped(entry, stop, prepared))
     finally:
@@ -103,21 +103,6 @@ def _stopped(entry: str, stop: stopping.Stopped, prepared: Prepared) -> str:
             )
         shutil.rmtree(made, ignore_errors=True)  # (its parents made for it go in run's finally)
     return f"stopped by {stop.name} before {entry} had saved anything; nothing is left behind."
-
-
-def _remove_hydra_files(created: list[Path]) -> None:
-    """In the directories this command made, what Hydra writes into a run's before its task
-    starts (.hydra/ and the job's log), where that is all they hold: a command refused as bad
-    input (e.g. predict on a damaged image) leaves no run directory. Anything else is kept."""
-    for path in created:
-        with contextlib.suppress(OSError):
-            hydra = path / ".hydra"
-            logs = [p for p in path.iterdir() if p.suffix == ".log" and p.is_file()]
-            if {*path.iterdir()} - {hydra, *logs} or hydra.is_symlink():
-                continue
-            shutil.rmtree(hydra, ignore_errors=True)
-            for log in logs:
-                log.unlink()
 
 
 def prepare(

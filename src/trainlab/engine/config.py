@@ -2,18 +2,25 @@
 
 Hydra would also reject most mistakes, but only deep inside composition or, for a wrong value,
 once data and model are built. `check_command_line` runs before Hydra does: it knows every key
-and option, so it can say what was expected and suggest the likely spelling. RULES and PATTERNS
-say which values each number may take; the trust model's checks (known_targets, check_targets,
-HYDRA_KEYS) keep any config, wherever it comes from, from building code that conf/ does not name.
+and option, so it can say what was expected and suggest the likely spelling. A value is checked
+against what the constructor that takes it declares (trainlab.engine.parameters: `dropout:
+Annotated[float, Field(ge=0, lt=1)]`); RULES add the template's own top-level keys and what the
+signatures of torch's optimizers and Lightning's Trainer leave unsaid; compute.check_hardware
+asks for the Trainer's accelerator and devices. The trust model's checks (known_targets,
+check_targets, HYDRA_KEYS) keep any config, wherever it comes from, from building code that
+conf/ does not name.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from trainlab.engine.compute import check_hardware
 from trainlab.engine.errors import UserError
 from trainlab.engine.jobs import run_name
 
@@ -87,14 +94,6 @@ def _optional(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or test(v)
 
 
-def _ints(v: Any) -> bool:  # a size, or a list of sizes (one a layer)
-    return _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v)))
-
-
-def _fraction_or_count(v: Any) -> bool:  # a share of the data (0.1) or a number of samples
-    return (isinstance(v, float) and 0 < v < 1) or _positive_int(v)
-
-
 def _batches(v: Any) -> bool:  # Lightning's limit_*_batches and friends: a share or a count
     return v is None or (isinstance(v, float) and 0 <= v <= 1) or (_is_int(v) and v >= 0)
 
@@ -107,11 +106,12 @@ def _devices(v: Any) -> bool:
     return _is_int(v) and (v >= 1 or v == -1)
 
 
-FRACTION = "a fraction between 0 and 1 (e.g. 0.1) or a count of samples >= 1"
 BATCHES = "a fraction of the batches between 0.0 and 1.0, a count >= 0, or null"
 
 # Values that must hold whatever sets them (command line, experiment or edited YAML), by full
-# key; PATTERNS below cover the keys of every model and data set by their last name.
+# key: the template's own keys, and what torch's optimizers and Lightning's Trainer take beyond
+# what their signatures declare. The keys of nets, data sets and LightningModules are checked by
+# their constructors' annotations instead (check_declared).
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.lr": (lambda v: _is_number(v) and v > 0, "a positive number, e.g. 1e-3"),
     "optimizer.weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
@@ -123,20 +123,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "two numbers in [0, 1), e.g. [0.9, 0.999]",
     ),
     "optimizer.eps": (lambda v: _is_number(v) and v > 0, "a positive number, e.g. 1e-8"),
+    # every data module takes it, and the engine reads it (lr_scaling, effective_batch_size)
     "data.batch_size": (_positive_int, "a positive integer, e.g. 64"),
     "steps_per_call": (
         lambda v: v == "auto" or _positive_int(v),
         "auto or a positive integer (optimizer steps per trip through Lightning's loop), e.g. 8",
     ),
-    "data.num_workers": (
-        lambda v: v == "auto" or (_is_int(v) and v >= 0),
-        "auto or an integer >= 0 (0: load in the main process)",
-    ),
-    "data.val_size": (
-        lambda v: v in (0, None) or _fraction_or_count(v),
-        f"{FRACTION}, or 0 for no validation split",
-    ),
-    "data.test_size": (_fraction_or_count, FRACTION),
     "trainer.max_epochs": (
         lambda v: v is None or (_is_int(v) and (v >= 1 or v == -1)),
         "a positive integer, or -1 for no limit",
@@ -194,71 +186,94 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
 }
 
-# Any key with one of these last names, wherever it is (model.net.dropout, data.block_size...).
-PATTERNS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1), e.g. 0.1"),
-    "*_size": (_positive_int, "a positive integer"),
-    "num_classes": (_positive_int, "a positive integer"),
-    "num_samples": (_positive_int, "a positive integer"),
-    "n_*": (_positive_int, "a positive integer"),
-    "hidden": (_ints, "a positive integer, or a list of them (one a layer)"),
-    "channels": (_ints, "a positive integer, or a list of them (one a layer)"),
-    "width": (_positive_int, "a positive integer"),
-    "dim": (_positive_int, "a positive integer"),
-    "latent_dim": (_positive_int, "a positive integer"),
-    "depth": (_positive_int, "a positive integer"),
-    "heads": (_positive_int, "a positive integer"),
-    "layers": (_positive_int, "a positive integer"),
-    "batches_per_epoch": (_positive_int, "a positive integer"),
-    "warmup_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "pct_start": (lambda v: isinstance(v, float) and 0 < v < 1, "a fraction in (0, 1)"),
-    "mlp_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "temperature": (lambda v: _is_number(v) and v > 0, "a positive number"),
-}
-
-
-def rule_for(key: str) -> tuple[Callable[[Any], bool], str] | None:
-    """The rule a value at `key` must follow: by its full key, else by its last name."""
-    import fnmatch
-
-    if key in RULES:
-        return RULES[key]
-    name = key.rpartition(".")[2]
-    return next((rule for p, rule in PATTERNS.items() if fnmatch.fnmatchcase(name, p)), None)
-
 
 def check_value(key: str, value: Any, source: str = "") -> None:
+    """A finite number wherever a number is, and RULES."""
     if isinstance(value, str) and "${" in value:
         return  # an interpolation: checked once resolved (check_values in the entry points)
-    rule = rule_for(key)
+    where = f" (in {source})" if source else " (set in the config files or an experiment)"
+    if any(isinstance(v, float) and not math.isfinite(v) for v in _numbers(value)):
+        raise UserError(
+            f"'{key}' must be a finite number, but it is {value!r}{where}: a value beyond "
+            "1.8e308 reads as inf. Give a finite value."
+        )
+    rule = RULES.get(key)
     if rule and not rule[0](value):
-        where = f" (in {source})" if source else " (set in the config files or an experiment)"
         raise UserError(f"'{key}' must be {rule[1]}, but it is {value!r}{where}.")
 
 
+def _numbers(value: Any) -> Iterator[Any]:
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    else:
+        yield value
+
+
+def check_declared(
+    target: Any, key: str, value: Any, source: str = "", known: set[str] | None = None
+) -> bool:
+    """`value`, for the parameter that `key` names, of the kind that `target` (a `_target_`
+    that conf/ names: `known`, else known_targets()) declares it takes
+    (trainlab.engine.parameters.check); whether it declares one."""
+    from trainlab.engine.parameters import check, declares, parameters
+
+    name = key.rpartition(".")[2]
+    if not isinstance(target, str) or target not in (known or known_targets()):
+        return False  # code that no config file names is never looked into
+    if isinstance(value, str) and "${" in value:
+        return declares(target, name)  # an interpolation: checked once resolved
+    takes = check(target, name, value)
+    if takes is None:
+        return declares(target, name)
+    written = parameters(target)[name].written
+    where = f" (in {source})" if source else " (set in the config files or an experiment)"
+    raise UserError(f"'{key}' takes {takes} (`{written}` in {target}), but it is {value!r}{where}.")
+
+
 def check_values(cfg: Any) -> None:
-    """Apply RULES and PATTERNS to every value of a composed config (hydra.* aside), and refuse
-    code that no config file names (check_targets), as resolved: the entry points call this on
-    a run's config before they build anything from it."""
+    """Check every value of a composed config (hydra.* aside): RULES, finite numbers, what
+    each `_target_` declares; and refuse code that no config file names (check_targets), as
+    resolved. The entry points call this on a run's config before they build anything."""
+    known = known_targets()
     for key, value in _leaves(cfg):
         check_value(key, value)
+        parent = _parent(cfg, key)
+        if parent is not None:
+            check_declared(parent.get("_target_"), key, value, known=known)
     check_targets(cfg, "the run's config")
 
 
+def _parent(cfg: Any, key: str) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    parent = OmegaConf.select(cfg, key.rpartition(".")[0]) if "." in key else None
+    return parent if isinstance(parent, DictConfig) and "_target_" in parent else None
+
+
 def _leaves(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, resolved value) of every leaf, lists whole; a value that cannot be resolved
-    here (e.g. ${hydra:...} outside a run) is left out."""
+    """(dotted key, resolved value) of every leaf, lists whole, and of every node without a
+    `_target_` under one that has it (a parameter that takes a mapping); a value that cannot be
+    resolved here (e.g. ${hydra:...} outside a run) is left out."""
     from omegaconf import DictConfig, ListConfig
 
     for key in cfg.keys() if isinstance(cfg, DictConfig) else []:
         path = f"{prefix}{key}"
-        if path == "hydra":
+        if path == "hydra" or str(key).startswith("_"):
             continue
         try:
             value = cfg[key]
         except Exception:
             continue
-        if isinstance(value, DictConfig):
+        if isinstance(value, DictConfig) and "_target_" in cfg and "_target_" not in value:
+            try:
+                yield path, _plain(value, resolve=True)
+            except Exception:
+                continue
+        elif isinstance(value, DictConfig):
             yield from _leaves(value, f"{path}.")
         elif isinstance(value, ListConfig):
             try:
@@ -365,19 +380,20 @@ def _check_key_overrides(base: Any, key_overrides: list[Any], hydra_overrides: l
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     tree = {k: v for k, v in _to_tree(base).items() if k != "hydra"}
-    check_values(base)
-    parameters_set = []
+    parameters_set = []  # overrides of constructor parameters that no YAML file writes
     for o in key_overrides:
         key = o.key_or_group
         found, default = _lookup(tree, key)
         if not found and not (o.is_add() or o.is_force_add()):
-            parameter = _constructor_parameter(tree, key)
-            if parameter is None:
+            if _constructor_parameter(tree, key) is None:
                 raise UserError(_unknown_key_message(key, o.input_line, tree))
-            for value in _values(o):
-                _check_parameter_value(key, parameter, value, o.input_line)
             parameters_set.append(o.input_line)
+        parent = _lookup(tree, key.rpartition(".")[0])[1] if "." in key else None
+        target = parent.get("_target_") if isinstance(parent, dict) else None
         for value in _values(o):
+            check_value(key, value, f"'{o.input_line}'")
+            if check_declared(target, key, value, f"'{o.input_line}'"):
+                continue
             if (
                 found
                 and (_is_number(default) or isinstance(default, bool))
@@ -388,7 +404,6 @@ def _check_key_overrides(base: Any, key_overrides: list[Any], hydra_overrides: l
                     f"'{key}' expects {kind} (its default is {default!r}), "
                     f"but '{o.input_line}' gives the text {value!r}."
                 )
-            check_value(key, value, f"'{o.input_line}'")
     parser = OverridesParser.create()
     key_overrides = [
         parser.parse_override(f"++{o.input_line}") if o.input_line in parameters_set else o
@@ -600,31 +615,6 @@ def parameter_default(target: Any, name: str) -> tuple[bool, Any]:
     return True, parameter.default
 
 
-# What a value of each simple parameter type must be, in words.
-KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "int": (_is_int, "an integer"),
-    "float": (_is_number, "a number"),
-    "str": (lambda v: isinstance(v, str), "text"),
-}
-
-
-def _check_parameter_value(key: str, parameter: Any, value: Any, text: str) -> None:
-    """A value for a constructor parameter that no YAML file writes: of the type that the
-    parameter's annotation or default says, where that is bool, int, float or str."""
-    if parameter.kind is None or (isinstance(value, str) and "${" in value):
-        return
-    test, words = KINDS[parameter.kind]
-    if test(value) or (value is None and parameter.nullable):
-        return
-    quote = f" (a number meant as text goes in quotes: \"{key}='{value}'\")"
-    quote = quote if parameter.kind == "str" else ""
-    raise UserError(
-        f"'{key}' expects {words}{' or null' if parameter.nullable else ''} (the parameter "
-        f"`{parameter.written}`), but '{text}' gives {value!r}{quote}."
-    )
-
-
 def _unknown_key_message(key: str, text: str, tree: dict) -> str:
     keys = list(_all_keys(tree)) + [p.name for p in CONF_DIR.iterdir() if p.is_dir()]
     parent = key.rpartition(".")[0]
@@ -749,7 +739,7 @@ def _is_hydra(key: str) -> bool:
     return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
-def check_sweep_setting(written: str, values: Iterable[Any], source: str) -> str:
+def check_sweep_setting(written: str, values: Iterable[Any], source: str, cfg: Any = None) -> str:
     """One key that a sweep sets in each of its jobs, with every value it may give it: a `-m`
     sweep on the command line, a search space (hydra.sweeper.params, an hparams_search file,
     the Optuna sweeper's) or a W&B sweep's parameter. Each job's command line gets
@@ -757,8 +747,9 @@ def check_sweep_setting(written: str, values: Iterable[Any], source: str) -> str
     starts with -, such as --config-dir or --experimental-rerun) is refused; the key, its +, ++
     or ~ taken off, must read as written in Hydra's grammar, be one of HYDRA_KEYS under hydra.*
     and name an option in conf/ for a group; and each value passes check_sweep_value, which
-    compares a `_target_` given as the key or inside a value with the allow-list. Returns the
-    key that the jobs set."""
+    compares a `_target_` given as the key or inside a value with the allow-list, and, given
+    the config `cfg` the jobs start from, with what the `_target_` above the key declares.
+    Returns the key that the jobs set."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -786,9 +777,9 @@ def check_sweep_setting(written: str, values: Iterable[Any], source: str) -> str
         _check_hydra_key(f"{key}{package}" if into_hydra else key, source, o.is_delete())
     values = list(values)
     for value in values:
-        check_sweep_value(key, value, source)
+        check_sweep_value(key, value, source, cfg)
         if key.startswith("hydra.sweeper.params.") and isinstance(value, str):  # a search space
-            check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, source)
+            check_sweep_params({key.removeprefix("hydra.sweeper.params."): value}, source, cfg)
     if (CONF_DIR / key).is_dir():
         _check_group_values(key, values)
     return key
@@ -809,9 +800,10 @@ def _check_hydra_key(key: str, source: str, deleted: bool = False) -> None:
         )
 
 
-def check_sweep_value(key: str, value: Any, source: str) -> None:
+def check_sweep_value(key: str, value: Any, source: str, cfg: Any = None) -> None:
     """One value that a command line or a sweep gives `key`: no code that no config file
-    names, no text that turns into nodes, a plain value for hydra.*, and RULES."""
+    names, no text that turns into nodes, a plain value for hydra.*, RULES, and, given the
+    config `cfg` the sweep's jobs start from, what the `_target_` above `key` declares."""
     if _is_hydra(key):
         _check_hydra_key(key, source)
         if key.startswith("hydra/") and not (value is None or _plain_name(value)):
@@ -831,6 +823,9 @@ def check_sweep_value(key: str, value: Any, source: str) -> None:
             )
     if not (CONF_DIR / key).is_dir():  # a group's options are files in conf/
         check_value(key, value, source)
+        parent = _parent(cfg, key) if cfg is not None else None
+        if parent is not None:
+            check_declared(parent.get("_target_"), key, value, source)
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -844,16 +839,17 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(v)
 
 
-def check_sweep_params(params: Any, source: str) -> None:
+def check_sweep_params(params: Any, source: str, cfg: Any = None) -> None:
     """A search space (hydra.sweeper.params, an hparams_search file, an Optuna or W&B sweep):
-    each key is set for a job as a command line would set it, so the same checks apply."""
+    each key is set for a job as a command line would set it, so the same checks apply (those
+    of the `_target_`s' declarations given `cfg`, the config the jobs start from)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
     for key, expression in (params or {}).items():
         if isinstance(expression, Mapping):  # `hydra.sweeper.params.a.b=...` nests: a.b
-            check_sweep_params({f"{key}.{k}": v for k, v in expression.items()}, source)
+            check_sweep_params({f"{key}.{k}": v for k, v in expression.items()}, source, cfg)
             continue
         text = f"{key}={expression}"
         try:
@@ -864,16 +860,22 @@ def check_sweep_params(params: Any, source: str) -> None:
                 f"the search space of {source} cannot be read at '{text}': "
                 f"{str(e).splitlines()[0]}."
             ) from None
-        check_sweep_setting(str(key), _values(o), f"'{text}' in {source}")
+        check_sweep_setting(str(key), _values(o), f"'{text}' in {source}", cfg)
 
 
 def known_targets() -> set[str]:
-    """Every `_target_` that the config files name: the only code a config may build."""
+    """Every `_target_` that the config files name: the only code a config may build. (Read
+    again whenever a file in conf/ changes, as a long-lived process may see them change.)"""
+    return set(_targets_in(tuple((p, p.stat().st_mtime_ns) for p in CONF_DIR.rglob("*.yaml"))))
+
+
+@functools.cache
+def _targets_in(files: tuple[tuple[Path, int], ...]) -> frozenset[str]:
     import re
 
     # also list items (`- _target_: ...`), as in lists of transforms
     pattern = re.compile(r"^\s*(?:-\s+)?_target_:\s*([\w.]+)\s*$", re.MULTILINE)
-    return {m for path in CONF_DIR.rglob("*.yaml") for m in pattern.findall(path.read_text())}
+    return frozenset(m for path, _ in files for m in pattern.findall(path.read_text()))
 
 
 # `_target_`s that conf/ once named by another path (package re-exports, the net now called
@@ -1022,6 +1024,26 @@ def _plain(cfg: Any, resolve: bool = False) -> Any:
     return OmegaConf.to_container(cfg, resolve=resolve) if OmegaConf.is_config(cfg) else cfg
 
 
+def _check_references(cfg: Any, overrides: list[Any]) -> None:
+    """A value the command line gives that refers to a key the config has not (`${x}` in a
+    log dir, say): one paragraph here, not Hydra's traceback once the job starts."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationKeyError
+
+    for o in overrides:
+        if isinstance(o.value(), str) and "${" in o.value():
+            try:
+                OmegaConf.select(cfg, o.key_or_group, throw_on_resolution_failure=True)
+            except InterpolationKeyError:
+                raise UserError(
+                    f"'{o.input_line}' refers with ${{...}} to a key that the config does not "
+                    "have (Hydra reads ${...} as a reference to another key): write the value "
+                    "out, or escape it as \\${...} to keep the text as written."
+                ) from None
+            except Exception:
+                continue  # e.g. ${hydra:...}, resolved only inside a run
+
+
 def _check_whole_config(base: Any, overrides: list[Any]) -> None:
     """Apply the key overrides to the composed config as Hydra does (hydra.* included, sweeps
     aside) and refuse any code in the result that no config file names; then check each value
@@ -1043,7 +1065,10 @@ def _check_whole_config(base: Any, overrides: list[Any]) -> None:
         culprit = next((o.input_line for o in overrides if path.startswith(o.key_or_group)), None)
         raise _target_error(f"'{culprit}'" if culprit else "the command line's config", *found)
     check_targets(full, "the command line")
-    check_sweep_params(full.hydra.sweeper.get("params"), "hydra.sweeper.params")
+    _check_references(full, single)
+    check_values(full)
+    check_hardware(full)  # trainlab.engine.compute
+    check_sweep_params(full.hydra.sweeper.get("params"), "hydra.sweeper.params", full)
     for o in overrides:
         if o.is_sweep_override() and not _is_hydra(o.key_or_group):
-            check_sweep_setting(_written_key(o), _values(o), f"'{o.input_line}'")
+            check_sweep_setting(_written_key(o), _values(o), f"'{o.input_line}'", full)

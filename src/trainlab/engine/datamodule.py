@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
 import lightning.pytorch as pl
 import torch
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from trainlab.engine.errors import UserError
@@ -60,16 +62,17 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int,
-        num_classes: int,
-        input_shape: list[int],
+        batch_size: PositiveInt,
+        num_classes: PositiveInt,
+        input_shape: list[PositiveInt],
         data_dir: str | None = None,
-        val_size: int | float | None = 0.1,
-        normalise: str | None = None,
+        # a count of samples (0: no validation split) or a fraction of the training split
+        val_size: NonNegativeInt | Annotated[float, Field(gt=0, lt=1)] | None = 0.1,
+        normalise: Literal["none", "feature", "channel"] | None = None,
         mean: list[float] | None = None,
-        std: list[float] | None = None,
-        loader: str = "memory",
-        num_workers: int | str = "auto",
+        std: list[Annotated[float, Field(gt=0)]] | None = None,
+        loader: Literal["memory", "dataloader"] = "memory",
+        num_workers: NonNegativeInt | Literal["auto"] = "auto",
         per_device: bool = False,
     ):
         super().__init__()

@@ -1,9 +1,14 @@
-"""The keyword parameters that a config's `_target_` accepts, read from its source code.
+"""The keyword parameters that a config's `_target_` accepts, and the values each declares it
+takes, read from its source code.
 
 The command-line check (trainlab.engine.config) asks for them so that a config need not repeat a
 constructor's defaults: `data.per_device=true` is valid because the data module's __init__ takes
-`per_device`, though no YAML file writes it. The source is parsed, never imported: importing
-would cost seconds (torch) on every command line, and would run the module's code.
+`per_device`, though no YAML file writes it. It checks each value against the parameter's
+annotation (`dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1`) with pydantic: a new parameter
+is checked as it is declared, with no rule to add elsewhere. The source is parsed, never
+imported: importing would cost seconds (torch) on every command line, and would run the
+module's code; an annotation is turned into a type from what typing, pydantic and
+annotated_types name, and type aliases the modules define (`X = Literal["a", "b"]`).
 """
 
 from __future__ import annotations
@@ -11,21 +16,20 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SIMPLE = ("bool", "int", "float", "str")
 NO_DEFAULT = object()  # a parameter without a default, or with one that is not a literal
 
 
 @dataclass(frozen=True)
 class Parameter:
     name: str
-    kind: str | None  # bool, int, float or str where the annotation (or default) says so
-    nullable: bool  # None is a valid value
     written: str  # as the source writes it, e.g. "per_device: bool = False"
     default: Any = NO_DEFAULT  # where the source writes it as a literal
+    annotation: ast.expr | None = field(default=None, compare=False, repr=False)
+    module: str = ""  # where the annotation's names are looked up
 
 
 @functools.cache
@@ -42,11 +46,11 @@ def _parameters(target: str, depth: int) -> dict[str, Parameter] | None:
         return None
     node, module = found
     if isinstance(node, ast.FunctionDef):
-        return _function_parameters(node, method=False)[0]
+        return _function_parameters(node, module, method=False)[0]
     init = next(
         (s for s in node.body if isinstance(s, ast.FunctionDef) and s.name == "__init__"), None
     )
-    own, passes_on = ({}, True) if init is None else _function_parameters(init, method=True)
+    own, passes_on = ({}, True) if init is None else _function_parameters(init, module, method=True)
     if passes_on and depth < 10:  # e.g. super().__init__(**kwargs): the bases' parameters too
         for base in node.bases:
             base_path = _dotted(base, module)
@@ -65,13 +69,14 @@ def _definition(target: str, depth: int) -> tuple[ast.AST, str] | None:
     bound = _namespace(module).get(name)
     if isinstance(bound, str):
         return _definition(bound, depth + 1)
-    return None if bound is None else (bound, module)
+    return (bound, module) if isinstance(bound, (ast.ClassDef, ast.FunctionDef)) else None
 
 
 @functools.cache
 def _namespace(module: str) -> dict[str, ast.AST | str] | None:
     """What the top level of `module` binds: its classes and functions as statements, its
-    imports as the dotted paths they name. None where the source cannot be found or read."""
+    imports as the dotted paths they name, a name assigned once (a type alias) as the
+    expression. None where the source cannot be found or read."""
     path = _source(module)
     if path is None:
         return None
@@ -84,6 +89,11 @@ def _namespace(module: str) -> dict[str, ast.AST | str] | None:
     for stmt in _top_level(tree):
         if isinstance(stmt, (ast.ClassDef, ast.FunctionDef)):
             names[stmt.name] = stmt
+        elif isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            if isinstance(stmt.targets[0], ast.Name):
+                names[stmt.targets[0].id] = stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value:
+            names[stmt.target.id] = stmt.value
         elif isinstance(stmt, ast.ImportFrom):
             source = stmt.module or ""
             if stmt.level:  # from .x import y, from .. import z
@@ -141,7 +151,9 @@ def _dotted(expr: ast.expr, module: str) -> str | None:
     return None
 
 
-def _function_parameters(fn: ast.FunctionDef, method: bool) -> tuple[dict[str, Parameter], bool]:
+def _function_parameters(
+    fn: ast.FunctionDef, module: str, method: bool
+) -> tuple[dict[str, Parameter], bool]:
     """The parameters `fn` takes by keyword (self aside), and whether it has *args or **kwargs."""
     args = fn.args
     positional = args.posonlyargs + args.args
@@ -149,16 +161,11 @@ def _function_parameters(fn: ast.FunctionDef, method: bool) -> tuple[dict[str, P
     skip = max(len(args.posonlyargs), 1 if method else 0)
     pairs = list(zip(positional, defaults, strict=True))[skip:]
     pairs += zip(args.kwonlyargs, args.kw_defaults, strict=True)
-    found = {arg.arg: _parameter(arg, default) for arg, default in pairs}
+    found = {arg.arg: _parameter(arg, default, module) for arg, default in pairs}
     return found, args.vararg is not None or args.kwarg is not None
 
 
-def _parameter(arg: ast.arg, default: ast.expr | None) -> Parameter:
-    kind, nullable = _annotation(arg.annotation)
-    if arg.annotation is None and isinstance(default, ast.Constant):
-        value = default.value  # no annotation: the default's type, if it is a simple one
-        kind = type(value).__name__ if type(value).__name__ in SIMPLE else None
-    nullable = nullable or (isinstance(default, ast.Constant) and default.value is None)
+def _parameter(arg: ast.arg, default: ast.expr | None, module: str) -> Parameter:
     written = arg.arg + (f": {ast.unparse(arg.annotation)}" if arg.annotation else "")
     written += f" = {ast.unparse(default)}" if default is not None else ""
     try:
@@ -166,38 +173,239 @@ def _parameter(arg: ast.arg, default: ast.expr | None) -> Parameter:
         value = list(value) if isinstance(value, tuple) else value  # as a config holds it
     except ValueError:
         value = NO_DEFAULT
-    return Parameter(arg.arg, kind, nullable, written, value)
+    annotation = arg.annotation
+    if annotation is None and type(value) in (bool, int, float, str):  # the default's type
+        annotation = ast.Name(type(value).__name__)
+    if annotation is not None and default is not None and value is None:  # `x: int = None`
+        annotation = ast.BinOp(annotation, ast.BitOr(), ast.Constant(None))
+    return Parameter(arg.arg, written, value, annotation, module)
 
 
-def _annotation(node: ast.expr | None) -> tuple[str | None, bool]:
-    """(bool, int, float or str where the annotation is one of them, or None; whether it admits
-    None): `int`, `float | None`, `Optional[str]`, `Union[int, float]` (a float)."""
-    names = _union(node) if node is not None else set()
-    nullable = "None" in names
-    names.discard("None")
-    if names == {"int", "float"}:
-        return "float", nullable
-    if len(names) == 1 and next(iter(names)) in SIMPLE:
-        return names.pop(), nullable
-    return None, nullable
+# --- values checked against what a parameter declares ------------------------------------------
 
 
-def _union(node: ast.expr) -> set[str]:
-    """The names of the types an annotation joins (an unknown one shows as '?')."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str):  # "int": a string
-        try:
-            return _union(ast.parse(node.value, mode="eval").body)
-        except SyntaxError:
-            return {"?"}
-    if isinstance(node, ast.Constant) and node.value is None:
-        return {"None"}
-    if isinstance(node, ast.Name):
-        return {node.id}
+def check(target: str, name: str, value: Any) -> str | None:
+    """None where `value` is one that the parameter `name` of `target` declares it takes, or
+    where it declares nothing this can read; else what it takes, in words."""
+    found = _validator(target, name)
+    if found is None or (isinstance(value, dict) and "_target_" in value):  # built: unknown
+        return None
+    from pydantic import ValidationError
+
+    adapter, words = found
+    try:
+        adapter.validate_python(value)
+    except ValidationError:
+        return words
+    return None
+
+
+def declares(target: str, name: str) -> bool:
+    """Whether the parameter `name` of `target` declares values that check can check."""
+    return _validator(target, name) is not None
+
+
+@functools.cache
+def _validator(target: str, name: str) -> tuple[Any, str] | None:
+    from pydantic import TypeAdapter
+
+    parameter = (parameters(target) or {}).get(name)
+    if parameter is None or parameter.annotation is None:
+        return None
+    try:
+        declared = _type(parameter.annotation, parameter.module, 0)
+        return None if declared is Any else (TypeAdapter(declared), describe(declared))
+    except Exception:  # an annotation this cannot make a type of: nothing is checked
+        return None
+
+
+class _Built:
+    """Marks what a parameter annotated with a class (nn.Module, Strategy) takes in a config:
+    a config node that builds it."""
+
+
+def _node() -> Any:
+    from typing import Annotated
+
+    return Annotated[dict, _Built()]
+
+
+# Names that annotations use, by the module that defines them: typing's, pydantic's
+# constraints and annotated_types'. Any other imported name is a class (Node).
+def _known(dotted: str) -> Any:
+    import typing
+
+    import annotated_types
+    import pydantic
+
+    module, _, name = dotted.rpartition(".")
+    if module in ("typing", "typing_extensions", "collections.abc", "builtins"):
+        aliases = {"List": list, "Dict": dict, "Tuple": tuple, "Set": list, "FrozenSet": list}
+        aliases |= dict.fromkeys(("Sequence", "MutableSequence", "Iterable", "Collection"), list)
+        aliases |= dict.fromkeys(("Mapping", "MutableMapping"), dict)
+        if name in ("Callable", "Type", "type"):  # passed by code, or built: not checked
+            return Any
+        forms = ("Any", "Optional", "Union", "Literal", "Annotated")  # nothing else is called
+        return aliases.get(name, getattr(typing, name) if name in forms else None)
+    if module == "pydantic" and name in (
+        "Field", "Strict", "AllowInfNan", "conint", "confloat", "PositiveInt",
+        "NonNegativeInt", "NegativeInt", "NonPositiveInt", "PositiveFloat",
+        "NonNegativeFloat", "FiniteFloat", "StrictInt", "StrictFloat", "StrictStr", "StrictBool",
+    ):  # fmt: skip
+        return getattr(pydantic, name)
+    if module == "annotated_types":
+        return getattr(annotated_types, name, None)
+    if dotted in ("pathlib.Path", "pathlib.PurePath", "os.PathLike"):
+        return str
+    return None
+
+
+def _strict(kind: Any) -> Any:
+    """A plain type (or pydantic's PositiveInt...) checked strictly: Hydra has typed every
+    value already, so the text "5" or the number 5.0 is no integer here; floats finite."""
+    import typing
+    from typing import Annotated
+
+    from pydantic import AllowInfNan, Strict
+
+    if typing.get_origin(kind) is Annotated:  # PositiveInt: Annotated[int, Gt(0)]
+        return Annotated[(_strict(kind.__origin__), *kind.__metadata__)]
+    if kind is float:
+        return Annotated[float, Strict(), AllowInfNan(False)]
+    return Annotated[kind, Strict()] if kind in (int, str, bool) else kind
+
+
+BUILTINS = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict}
+BUILTINS |= {"tuple": tuple, "set": list, "frozenset": list, "object": Any, "type": Any}
+
+
+def _type(node: ast.expr, module: str, depth: int) -> Any:
+    """The type an annotation (as parsed from `module`) names."""
+    from typing import Annotated, Literal, Optional, Union
+
+    if depth > 20:
+        return Any
+    again = functools.partial(_type, module=module, depth=depth + 1)
+    if isinstance(node, ast.Constant):
+        if node.value is None:
+            return type(None)
+        if isinstance(node.value, str):  # a forward reference: "int"
+            return again(ast.parse(node.value, mode="eval").body)
+        return Any if node.value is ... else node.value
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        return _union(node.left) | _union(node.right)
-    if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("Optional"):
-        return _union(node.slice) | {"None"}
-    if isinstance(node, ast.Subscript) and ast.unparse(node.value).endswith("Union"):
-        members = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        return set().union(*map(_union, members))
-    return {"?"}
+        return Union[again(node.left), again(node.right)]  # noqa: UP007 (built from parts)
+    if isinstance(node, (ast.Name, ast.Attribute)):
+        return _named(node, module, depth)
+    if isinstance(node, ast.Subscript):
+        head = again(node.value)
+        items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if head is Literal:
+            return Literal[tuple(ast.literal_eval(item) for item in items)]
+        if head is Annotated:
+            return Annotated[(again(items[0]), *(_metadata(item, module) for item in items[1:]))]
+        if head is Any or _is_node(head):
+            return head
+        args = tuple(again(item) for item in items)
+        if head is Optional:
+            return Optional[args[0]]  # noqa: UP045
+        if head is tuple and len(args) == 2 and args[1] is Any:  # tuple[int, ...]
+            return list[args[0]]
+        return head[args] if head in (Union, list, dict, tuple) else head
+    if isinstance(node, ast.Call):
+        return _metadata(node, module)  # conint(gt=0)
+    return Any
+
+
+def _named(node: ast.expr, module: str, depth: int) -> Any:
+    """What a name in an annotation stands for: a plain type, a name from typing, pydantic or
+    annotated_types, a type alias (followed into the module that defines it), or a class."""
+    if isinstance(node, ast.Name):
+        bound = (_namespace(module) or {}).get(node.id)
+        if bound is None:
+            return _strict(BUILTINS.get(node.id, Any))
+        if isinstance(bound, ast.expr):
+            return _type(bound, module, depth + 1)  # X = Literal[...] in this module
+        dotted = bound if isinstance(bound, str) else f"{module}.{node.id}"
+    else:
+        dotted = _dotted(node, module)
+        if dotted is None:
+            return Any
+    for _ in range(10):  # follow re-exports to the alias or class they name
+        known = _known(dotted)
+        if known is not None:
+            return _strict(known)
+        where, _, name = dotted.rpartition(".")
+        bound = (_namespace(where) or {}).get(name) if where else None
+        if isinstance(bound, str):
+            dotted = bound
+        elif isinstance(bound, ast.expr):
+            return _type(bound, where, depth + 1)
+        else:
+            break
+    return _node()  # a class, found or not: a config builds it from a node
+
+
+def _metadata(node: ast.expr, module: str) -> Any:
+    """Annotated's extras: Field(ge=0), Gt(0)... with literal arguments; others (a docstring,
+    an unknown call) check nothing."""
+    if isinstance(node, ast.Call):
+        made = _named(node.func, module, 0)
+        if made is not Any and not _is_node(made) and callable(made):
+            args = [ast.literal_eval(a) for a in node.args]
+            return made(*args, **{k.arg: ast.literal_eval(k.value) for k in node.keywords})
+    if isinstance(node, ast.Constant):
+        return node.value
+    return None
+
+
+def describe(declared: Any) -> str:
+    """A type, in words: 'an integer > 0', 'a list, each an integer', 'one of 'a', 'b''."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if declared is type(None):
+        return "null"
+    if _is_node(declared):
+        return "a config node"
+    if origin is typing.Annotated:
+        bounds = _bounds(args[1:])
+        return describe(args[0]) + (f" {' and '.join(bounds)}" if bounds else "")
+    if origin in (typing.Union, types.UnionType):
+        literals = [v for a in args if typing.get_origin(a) is typing.Literal for v in a.__args__]
+        words = [describe(a) for a in args if typing.get_origin(a) is not typing.Literal]
+        if literals:
+            words.insert(0, describe(typing.Literal[tuple(literals)]))
+        words = list(dict.fromkeys(words))
+        return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+    if origin is typing.Literal:  # as a command line writes them: auto, not 'auto'
+        words = list(dict.fromkeys(map(str, args)))  # 16 and "16" read alike
+        return "one of " + ", ".join(words) if len(words) > 1 else words[0]
+    if origin is list or declared is list:
+        return f"a list, each {describe(args[0])}" if args else "a list"
+    if origin is tuple:
+        return f"a list of {len(args)}: " + ", ".join(map(describe, args))
+    if origin is dict or declared is dict:
+        return "a mapping (key: value)"
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    return names.get(declared, getattr(declared, "__name__", str(declared)))
+
+
+def _is_node(declared: Any) -> bool:
+    return any(isinstance(m, _Built) for m in getattr(declared, "__metadata__", ()))
+
+
+def _bounds(metadata: tuple) -> list[str]:
+    """The bounds among Annotated's extras (Field(gt=0), Ge(0)...), in words: '> 0'."""
+    import annotated_types
+
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "of length >=",
+             "max_length": "of length <="}  # fmt: skip
+    found = []
+    for item in metadata:
+        for part in getattr(item, "metadata", None) or [item]:  # a FieldInfo holds several
+            if isinstance(part, annotated_types.BaseMetadata):
+                for attr, sign in signs.items():
+                    if getattr(part, attr, None) is not None:
+                        found.append(f"{sign} {getattr(part, attr)}")
+    return found

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ def claim_run_dir(entry: str, argv: list[str]) -> Chosen:
     path = Path(str(OmegaConf.select(cfg, key)))
     # (absolute: a run with hydra.job.chdir=true is elsewhere when they are removed)
     missing = [p for p in (path.absolute(), *path.absolute().parents) if not os.path.exists(p)]
+    _check_free_space(path.absolute(), "paths.log_dir")
     arguments = []
     if any(a.lstrip("+").startswith(f"{key}=") for a in args.overrides):
         make_dir(path, key)
@@ -102,6 +104,49 @@ def make_dir(path: Path, key: str) -> None:
         raise UserError(_cannot("create the run directory", path, e, key)) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UserError(_cannot("write to the run directory", path, _denied(), key))
+
+
+# Less free space than this where a run would write: Hydra's first file (the run's config)
+# would fail there with a traceback, and a checkpoint soon after.
+MIN_FREE_BYTES = 1 << 20
+
+
+def _check_free_space(path: Path, key: str) -> None:
+    existing = next((p for p in (path, *path.parents) if os.path.exists(p)), None)
+    try:
+        free = shutil.disk_usage(existing).free if existing is not None else MIN_FREE_BYTES
+    except OSError:
+        return  # cannot tell: creating the directory reports what is wrong
+    if free < MIN_FREE_BYTES:
+        raise UserError(
+            f"the disk that holds {existing} has {free} bytes free, too few for a run's config, "
+            f"logs and checkpoints: free some space, or choose another disk with {key}=<dir>."
+        )
+
+
+def remove_unless_kept(created: list[Path]) -> None:
+    """After a command that a UserError stopped: remove the directories it created (`created`,
+    deepest first, the run's or sweep's own first) where they hold no work: no checkpoint,
+    and no record of a trained step. Parents go only where empty: others may share them."""
+    import json
+
+    if not created or not created[0].is_dir():
+        return
+    run = created[0]
+    if any(run.rglob("*.ckpt")):
+        return
+    for record in run.rglob("metrics.json"):
+        try:
+            if json.loads(record.read_text()).get("steps"):
+                return
+        except (OSError, ValueError, AttributeError):
+            return  # unreadable: better kept
+    shutil.rmtree(run, ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _check_required(cfg: Any, swept: set[str]) -> None:

@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveInt
 from torch import nn
 from torchmetrics import MaxMetric, Metric, MetricCollection
 from torchmetrics.classification import (
@@ -36,7 +37,7 @@ class Classifier(TrainlabModule):
     def __init__(
         self,
         net: nn.Module,
-        num_classes: int,
+        num_classes: PositiveInt,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         channels_last: bool = False,

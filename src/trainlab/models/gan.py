@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveInt
 from torch import nn
 from torchvision.io import write_png
 from torchvision.utils import make_grid
@@ -30,10 +31,10 @@ class GAN(TrainlabModule):
         self,
         generator: nn.Module,
         discriminator: nn.Module,
-        latent_dim: int,
+        latent_dim: PositiveInt,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        num_samples: int = 64,
+        num_samples: PositiveInt = 64,
     ):
         super().__init__()
         self.automatic_optimization = False

@@ -7,8 +7,9 @@ so the LightningModule passes it in) and starts from the optimizer's own lr: a s
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, NonNegativeInt
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
@@ -43,7 +44,7 @@ def with_schedule(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LRScheduler:
+def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0) -> LRScheduler:
     """Linear warm-up over `warmup_steps`, then cosine decay to zero at `total_steps`."""
 
     def factor(step: int) -> float:
@@ -55,7 +56,9 @@ def cosine(optimizer: Optimizer, total_steps: int, warmup_steps: int = 0) -> LRS
     return LambdaLR(optimizer, factor)
 
 
-def onecycle(optimizer: Optimizer, total_steps: int, pct_start: float = 0.25) -> LRScheduler:
+def onecycle(
+    optimizer: Optimizer, total_steps: int, pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.25
+) -> LRScheduler:
     """Smith's one-cycle policy, peaking at the optimizer's lr."""
     if pct_start * total_steps <= 1:  # torch would divide by zero, or run the warm-up backwards
         raise UserError(

@@ -1,3 +1,6 @@
+from typing import Annotated
+
+from pydantic import Field, PositiveInt
 from torch import nn
 
 
@@ -11,11 +14,11 @@ class SmallCNN(nn.Sequential):
 
     def __init__(
         self,
-        input_shape: list[int],
-        num_classes: int,
-        channels: list[int] = (32, 64),
-        hidden: int = 128,
-        dropout: float = 0.0,
+        input_shape: list[PositiveInt],
+        num_classes: PositiveInt,
+        channels: list[PositiveInt] = (32, 64),
+        hidden: PositiveInt = 128,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     ):
         layers: list[nn.Module] = []
         c_in = input_shape[0]

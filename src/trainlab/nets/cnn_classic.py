@@ -1,5 +1,7 @@
 import math
+from typing import Annotated
 
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from trainlab.engine import UserError
@@ -17,11 +19,11 @@ class ClassicCNN(nn.Sequential):
 
     def __init__(
         self,
-        input_shape: list[int],
-        num_classes: int,
-        channels: list[int] = (32, 64),
-        hidden: int = 128,
-        dropout: float = 0.0,
+        input_shape: list[PositiveInt],
+        num_classes: PositiveInt,
+        channels: list[PositiveInt] = (32, 64),
+        hidden: PositiveInt = 128,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     ):
         c_in, height, width = input_shape
         if min(height, width) < 2 ** len(channels):

@@ -4,6 +4,7 @@ Both work at a quarter of the image's height and width and get there in two stri
 so the image's sides must be multiples of 4 (28x28 MNIST and 8x8 digits are).
 """
 
+from pydantic import PositiveInt
 from torch import nn
 
 from trainlab.engine import UserError
@@ -36,7 +37,9 @@ class Generator(nn.Sequential):
     """z (N x latent_dim) -> linear -> width x H/4 x W/4 -> two transposed-conv doublings
     (batch norm and ReLU between) -> tanh: N x C x H x W images in [-1, 1]."""
 
-    def __init__(self, input_shape: list[int], latent_dim: int, width: int = 128):
+    def __init__(
+        self, input_shape: list[PositiveInt], latent_dim: PositiveInt, width: PositiveInt = 128
+    ):
         channels, h, w = _quarter(input_shape)
         super().__init__(
             nn.Linear(latent_dim, width * h * w, bias=False),
@@ -57,7 +60,7 @@ class Discriminator(nn.Sequential):
     """N x C x H x W images -> two stride-2 convs with leaky ReLU (batch norm on the second,
     none on the input layer, as in DCGAN) -> one logit per image, shape (N,)."""
 
-    def __init__(self, input_shape: list[int], width: int = 64):
+    def __init__(self, input_shape: list[PositiveInt], width: PositiveInt = 64):
         channels, h, w = _quarter(input_shape)
         super().__init__(
             nn.Conv2d(channels, width, 4, stride=2, padding=1),

@@ -2,9 +2,11 @@
 position, the next one from those before it."""
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PositiveInt
 from torch import nn
 
 
@@ -18,12 +20,12 @@ class GPT(nn.Module):
 
     def __init__(
         self,
-        vocab_size: int = 256,
-        block_size: int = 128,
-        n_layer: int = 4,
-        n_head: int = 4,
-        n_embd: int = 128,
-        dropout: float = 0.0,
+        vocab_size: PositiveInt = 256,
+        block_size: PositiveInt = 128,
+        n_layer: PositiveInt = 4,
+        n_head: PositiveInt = 4,
+        n_embd: PositiveInt = 128,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     ):
         super().__init__()
         if n_embd % n_head:

@@ -1,3 +1,4 @@
+from pydantic import PositiveInt
 from torch import nn
 
 from trainlab.engine import UserError
@@ -11,7 +12,7 @@ class LeNet5(nn.Sequential):
     the original's scaled tanh and trainable subsampling: they train faster and just as well.
     """
 
-    def __init__(self, input_shape: list[int], num_classes: int):
+    def __init__(self, input_shape: list[PositiveInt], num_classes: PositiveInt):
         channels, height, width = input_shape
         if min(height, width) < 16:
             raise UserError(

@@ -1,5 +1,7 @@
 import math
+from typing import Annotated
 
+from pydantic import Field, PositiveInt
 from torch import nn
 
 
@@ -8,10 +10,10 @@ class MLP(nn.Sequential):
 
     def __init__(
         self,
-        input_shape: list[int],
-        num_classes: int,
-        hidden: list[int] = (256, 128),
-        dropout: float = 0.0,
+        input_shape: list[PositiveInt],
+        num_classes: PositiveInt,
+        hidden: list[PositiveInt] = (256, 128),  # [] : a linear classifier
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0,
     ):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)

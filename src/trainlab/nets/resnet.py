@@ -1,9 +1,10 @@
+from pydantic import PositiveInt
 from torch import nn
 from torchvision.models import ResNet
 from torchvision.models import resnet18 as torchvision_resnet18
 
 
-def resnet18(input_shape: list[int], num_classes: int) -> ResNet:
+def resnet18(input_shape: list[PositiveInt], num_classes: PositiveInt) -> ResNet:
     """torchvision's ResNet-18, untrained, with the stem made for 32x32 images.
 
     The ImageNet stem (7x7 conv with stride 2, then a stride-2 max-pool) would shrink a 32x32

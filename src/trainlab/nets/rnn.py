@@ -1,4 +1,7 @@
+from typing import Literal
+
 import torch
+from pydantic import PositiveInt
 from torch import nn
 
 from trainlab.engine import UserError
@@ -14,11 +17,11 @@ class RowRNN(nn.Module):
 
     def __init__(
         self,
-        input_shape: list[int],
-        num_classes: int,
-        cell: str = "lstm",
-        hidden: int = 128,
-        layers: int = 1,
+        input_shape: list[PositiveInt],
+        num_classes: PositiveInt,
+        cell: Literal["lstm", "gru"] = "lstm",
+        hidden: PositiveInt = 128,
+        layers: PositiveInt = 1,
         bidirectional: bool = False,
     ):
         super().__init__()

@@ -1,4 +1,7 @@
+from typing import Annotated
+
 import torch
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from trainlab.engine import UserError
@@ -12,14 +15,14 @@ class ViT(nn.Module):
 
     def __init__(
         self,
-        input_shape: list[int],
-        num_classes: int,
-        patch_size: int = 4,
-        dim: int = 64,
-        depth: int = 4,
-        heads: int = 4,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.1,
+        input_shape: list[PositiveInt],
+        num_classes: PositiveInt,
+        patch_size: PositiveInt = 4,
+        dim: PositiveInt = 64,
+        depth: PositiveInt = 4,
+        heads: PositiveInt = 4,
+        mlp_ratio: Annotated[float, Field(gt=0)] = 4.0,
+        dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1,
     ):
         super().__init__()
         channels, height, width = input_shape

@@ -4,17 +4,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.ready
-# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <a CPU-only torch index>" on CI runners.
+# Extra installer arguments, which uv and pip both take, e.g. PIP_ARGS="--extra-index-url <an
+# index>". The index settings pip is configured with (pip.conf, PIP_* variables) apply to both.
 PIP_ARGS ?=
 
 .PHONY: setup train test test-all lint format lock clean
 
 setup: $(READY)
 
+# uv installs the lock in seconds once its cache is warm (tools/uv_install.py: uv from PATH or
+# installed into .venv, with pip's index settings); pip, several times slower, if uv fails.
 $(READY): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --progress-bar off $(PIP_ARGS) -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	if $(BIN)/python tools/uv_install.py $(PIP_ARGS) -r requirements.lock \
+		&& $(BIN)/python tools/uv_install.py --no-deps --no-build-isolation -e .; then :; else \
+		echo "uv failed: installing with pip instead"; \
+		$(BIN)/python -m pip install --quiet --progress-bar off $(PIP_ARGS) -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }; \
+		$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .; \
+	fi
 	$(BIN)/python -c "import torch, torchvision, lightning; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| lightning', lightning.__version__)"
 	touch $@
 

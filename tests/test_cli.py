@@ -1,7 +1,10 @@
 """Bad input on the command line: one clear paragraph, exit code 2, no traceback, no training."""
 
+import importlib
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -130,6 +133,22 @@ def test_help_lists_groups_without_loading_torch(tmp_path):
         "print(sorted({'torch', 'lightning'} & set(sys.modules)))"
     )
     assert subprocess.check_output([sys.executable, "-c", probe], text=True).strip() == "[]"
+
+
+SCRIPTS = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+    "scripts"
+]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_console_script_answers_help(script, tmp_path):
+    # The installed script calls module:main; `python -m module` runs the same main.
+    module, _, function = SCRIPTS[script].partition(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    result = run_cli(module, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout or "== Configuration groups ==" in result.stdout
+    assert not list(tmp_path.iterdir())  # --help leaves no run directory
 
 
 def test_eval_without_checkpoint_path(tmp_path):

@@ -82,6 +82,57 @@ def test_grid_runs_each_job_in_its_own_directory_and_process(grid):
     assert summary["failed"] == 0 and len(summary["jobs"]) == 4
 
 
+def wandb_records(path: Path):
+    """The records of a W&B offline run file (run-<id>.wandb): a LevelDB-style log of 32 KiB
+    blocks after a 7-byte header, each record a 7-byte header (crc, length, type: 1 whole,
+    2 to 4 first, middle and last part) and a part of a serialised wandb Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def test_each_job_is_a_complete_wandb_run_of_the_sweeps_group(grid):
+    import torch
+
+    ids = set()
+    for job in job_dirs(grid):
+        (path,) = (job / "wandb").glob("offline-run-*/run-*.wandb")
+        records = list(wandb_records(path))
+        kinds = [r.WhichOneof("record_type") for r in records]
+        (run,) = [r.run for r in records if r.HasField("run")]
+        assert run.run_group == grid.name  # the sweep's jobs are one group in W&B
+        assert path.name == f"run-{run.run_id}.wandb"
+        ids.add(run.run_id)
+        # a resumed job continues the same W&B run: its checkpoint keeps the id
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert ckpt["trainlab"]["wandb_id"] == run.run_id
+        # every epoch's metrics reached the file, and the run was closed (its exit record)
+        val_acc = [
+            item.value_json
+            for r in records
+            if r.HasField("history")
+            for item in r.history.item
+            if (item.key or "/".join(item.nested_key)) == "val/acc"
+        ]
+        assert len(val_acc) == 2  # debug=limit: two epochs
+        assert kinds[-1] in ("exit", "final", "footer") or "exit" in kinds
+    assert len(ids) == 4
+
+
 def test_two_jobs_run_at_the_same_time(grid):
     jobs = json.loads((grid / "sweep.json").read_text())["jobs"].values()
     starts = sorted(time.mktime(time.strptime(j["started"], "%Y-%m-%d %H:%M:%S")) for j in jobs)

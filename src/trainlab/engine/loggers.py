@@ -11,6 +11,7 @@ import io
 import netrc
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ def build_loggers(
             continue
         if logger_cfg._target_.endswith("WandbLogger"):
             offline, why = wandb_offline_reason()
+            _skip_unstaged_launch_inputs()
             logger = instantiate(
                 logger_cfg,
                 save_dir=str(run_dir),
@@ -216,6 +218,24 @@ def _wandb_settings() -> Any:
     # A bound on start-up even when the server is reachable but slow; no console capture,
     # so that the terminal shows exactly what the run prints.
     return wandb.Settings(init_timeout=60, console="off", silent=True)
+
+
+def _skip_unstaged_launch_inputs() -> None:
+    """wandb.init ends by applying the inputs a W&B Launch job staged, and imports W&B Launch
+    to look for them: about 2 s, more than the rest of init. Inputs are staged only through
+    that module, so while it is not imported there are none, and the import is skipped."""
+    from wandb.sdk.wandb_run import Run
+
+    apply = getattr(Run, "_detect_and_apply_job_inputs", None)
+    if apply is None or getattr(apply, "skips_unstaged", False):
+        return
+
+    def apply_if_staged(run: Any) -> None:
+        if "wandb.sdk.launch.inputs.internal" in sys.modules:
+            apply(run)
+
+    apply_if_staged.skips_unstaged = True  # type: ignore[attr-defined]
+    Run._detect_and_apply_job_inputs = apply_if_staged
 
 
 def _announce_offline(logger: Any, why: str) -> None:

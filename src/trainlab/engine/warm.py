@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,16 @@ PRELOAD = (
     "hydra._internal.hydra",
     "hydra._internal.config_loader_impl",
     "hydra.core.override_parser.overrides_parser",
+    # W&B, the default logger: its import (about 1 s) and what wandb.init imports on first use
+    "wandb",
+    "lightning.pytorch.loggers.wandb",
+    "wandb.sdk.lib.gitlib",
+    "requests",
+    "psutil",
+    "opentelemetry.sdk.metrics",
+    "opentelemetry.sdk._logs",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
 )
 _STARTUP_ENV = dict(os.environ)  # the server's environment before its imports changed it
 _STARTUP_CWD = os.getcwd()
@@ -282,9 +293,11 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------- server side
 
 
-def serve(sock: socket.socket) -> dict[str, Any]:
-    """The server's loop. Returns only in a forked job: the job to run."""
+def serve(sock: socket.socket, made_imports: bool = True) -> dict[str, Any]:
+    """The server's loop. Returns only in a forked job: the job to run. `made_imports`: this
+    process imported the modules (rather than being forked from a job that had)."""
     _preload()
+    shared_dirs = _temporary_directories()
     wakeup_r, wakeup_w = os.pipe()
     os.set_blocking(wakeup_r, False)
     os.set_blocking(wakeup_w, False)
@@ -308,6 +321,9 @@ def serve(sock: socket.socket) -> dict[str, Any]:
         if sock in readable:
             data = sock.recv(65536)
             if not data:  # the launcher has gone: so do we, and the kernel stops our jobs
+                if made_imports:  # its own, which os._exit would leave behind
+                    for tmp in shared_dirs:
+                        shutil.rmtree(tmp.name, ignore_errors=True)
                 os._exit(0)  # at once: tearing down torch's modules takes seconds
             buffer += data
             while b"\n" in buffer:
@@ -323,9 +339,29 @@ def serve(sock: socket.socket) -> dict[str, Any]:
                     for fd in (wakeup_r, wakeup_w):
                         os.close(fd)
                     sock.close()
+                    _own_temporary_directories(shared_dirs)
                     return job
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 _send(sock, {"id": job["id"], "pid": pid})
+
+
+def _temporary_directories() -> list[Any]:
+    """The tempfile.TemporaryDirectory objects that imports made (wandb stages media and
+    artifacts in two): the first job to end would delete them under the others."""
+    import gc
+    import tempfile
+
+    return [o for o in gc.get_objects() if isinstance(o, tempfile.TemporaryDirectory)]
+
+
+def _own_temporary_directories(shared: list[Any]) -> None:
+    """In a job: a directory of its own for each, which its exit deletes (the object's cleanup,
+    which wandb runs at exit, removes what its `name` says; the server's stays)."""
+    import tempfile
+
+    for tmp in shared:
+        tmp._finalizer.detach()
+        tmp.name = tempfile.mkdtemp(suffix=os.path.basename(tmp.name)[11:])  # e.g. wandb-media
 
 
 def _preload() -> None:
@@ -473,7 +509,7 @@ def _serve_as_fork(sock: socket.socket, env: dict[str, str]) -> None:
     this_job, _STARTUP_ENV, _STARTUP_CWD = None, dict(env), os.getcwd()
     _fresh_state(held=False)
     stop_with_parent()
-    run_job(serve(sock))
+    run_job(serve(sock, made_imports=False))
 
 
 if __name__ == "__main__":

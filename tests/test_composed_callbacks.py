@@ -135,7 +135,7 @@ def test_a_sweep_is_reported_from_its_own_record_only(tmp_path, capsys):
 def test_a_checkpoint_naming_the_profilers_old_place_still_reads(tmp_path):
     from trainlab.engine import checkpoint
 
-    old = {"trainer": {"profiler": {"_target_": "trainlab.engine.callbacks.NullProfiler"}}}
+    old = {"trainer": {"profiler": {"_target_": "trainlab.callbacks.NullProfiler"}}}
     torch.save({"trainlab": {"config": old}, "state_dict": {}}, tmp_path / "old.ckpt")
     ckpt = checkpoint.read(tmp_path / "old.ckpt")
     profiler = ckpt["trainlab"]["config"]["trainer"]["profiler"]

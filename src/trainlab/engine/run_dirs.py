@@ -106,9 +106,10 @@ def make_dir(path: Path, key: str) -> None:
         raise UserError(_cannot("write to the run directory", path, _denied(), key))
 
 
-# Less free space than this where a run would write: Hydra's first file (the run's config)
-# would fail there with a traceback, and a checkpoint soon after.
-MIN_FREE_BYTES = 1 << 20
+# Less free space than this where a run would write: Hydra's first files (the run's config,
+# about 20 KB) would fail there with a traceback. A disk that fills later, while a checkpoint is
+# saved, keeps the checkpoints saved before (checkpoint.AtomicCheckpointIO).
+MIN_FREE_BYTES = 256 * 1024
 
 
 def _check_free_space(path: Path, key: str) -> None:

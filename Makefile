@@ -22,7 +22,9 @@ $(READY): requirements.lock pyproject.toml
 		$(BIN)/python -m pip install --quiet --progress-bar off $(PIP_ARGS) -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }; \
 		$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .; \
 	fi
-	$(BIN)/python -c "import torch, torchvision, lightning; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| lightning', lightning.__version__)"
+	@# the versions installed, read from the packages' metadata: importing torch here would
+	@# compile it once more for nothing where bytecode is not written (uv writes none)
+	$(BIN)/python -c "from importlib.metadata import version as v; print(' | '.join(f'{p} {v(p)}' for p in ('torch', 'torchvision', 'lightning')))"
 	touch $@
 
 # The default experiment: an MLP on scikit-learn's bundled digits, offline. ARGS adds overrides.

@@ -90,6 +90,8 @@ def train(
         cfg.model, optimizer=optimizer, scheduler=scheduler
     )
     not_applied = _not_applied(cfg, model, untaken)
+    if "optimizer" in not_applied:  # its configure_optimizers sets the lr, not optimizer.lr
+        lr = None
     check_net_fits(model, datamodule, choices or {})  # a shape mismatch: one line, not a traceback
     if hasattr(model, "steps_per_call"):  # a TrainlabModule: see trainlab.engine.blocks
         model.steps_per_call = cfg.get("steps_per_call", "auto")

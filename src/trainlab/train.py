@@ -118,6 +118,7 @@ def train(
     }
     if not_applied:  # what the config asks of a module that does not take it
         record["not_applied"] = not_applied
+    stopping.raise_if_pending()  # a stop lost on its way (see there) stops the run here
     started = time.perf_counter()
     try:
         with compute.torch_cuda_check(trainer):

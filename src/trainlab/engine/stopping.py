@@ -135,8 +135,21 @@ def _on_signal(signum: int, frame) -> None:
     raise _unreported
 
 
+def raise_if_pending() -> None:
+    """Raise again a stop that was raised and lost: a signal that landed where its exception
+    cannot propagate (a __del__, a callback from C) is ignored there by Python. Called where
+    a run is about to do real work, so that such a stop still stops it."""
+    if _unreported is not None and _pid == os.getpid():
+        raise _unreported
+
+
 def _report_at_exit() -> None:
-    """A stop that came before the entry point could report it (in its imports, say)."""
+    """A stop that came before the entry point could report it (in its imports, say), or that
+    was lost on the way: one line, and the process exits 128 + signum whatever it was about to
+    return."""
     if _unreported is not None and _pid == os.getpid():
         name = _unreported.name
         print(f"error: stopped by {name} while starting; nothing was done.", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_unreported.code)

@@ -499,6 +499,11 @@ def _check_group_values(group: str, values: Iterable[Any]) -> None:
 _composed: dict[tuple, Any] = {}
 
 
+def forget_compositions() -> None:
+    """Drop what compose cached (a process that forks jobs must not hand them its own)."""
+    _composed.clear()
+
+
 def compose(config_name: str, overrides: list[str], hydra: bool = False) -> Any:
     """The config `python -m trainlab.<config_name> <overrides>` composes (with Hydra's own part
     where `hydra`), as a fresh copy; a UserError where it does not compose. Composed once per

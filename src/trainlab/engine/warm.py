@@ -381,6 +381,13 @@ def _preload() -> None:
             # an optional dependency missing: the job that needs it says so
             with contextlib.suppress(Exception):
                 importlib.import_module(name)
+    # What checking a job's values reads and builds (the constructors' declarations, read from
+    # source, and pydantic's validators), once here for every job: about 1 s a job otherwise.
+    from trainlab.engine import config
+
+    with contextlib.suppress(Exception):
+        config.check_values(config.compose("train", []))
+    config.forget_compositions()  # they hold this process's cwd and time: each job composes anew
     logging.getLogger().removeHandler(placeholder)
 
 

@@ -166,3 +166,5 @@ def test_a_metric_that_validation_does_not_log_is_one_paragraph(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: monitor.metric=val/los was not logged by validation")
     assert "val/loss" in result.stderr and "Traceback" not in result.stderr
+    # what trained toward a metric never logged is no use: no run directory is left
+    assert not (tmp_path / "logs").exists()

@@ -350,6 +350,7 @@ BAD_RUNS = [  # refused before Hydra runs the job, or while the run has trained 
     pytest.param(["+trainer.accelerator=tpu"], id="tpu", marks=slow),
     pytest.param(["model.net=5"], id="net=5", marks=slow),
     pytest.param(["paths.log_dir=LOGS/a${x}"], id="log-dir-${x}", marks=slow),
+    pytest.param(["monitor.metric=val/acc2"], id="unknown-monitor", marks=slow),
 ]
 
 

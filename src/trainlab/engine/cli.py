@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from trainlab.engine import jobs, run_dirs, stopping, warm
+from trainlab.engine import errors, jobs, run_dirs, stopping, warm
 from trainlab.engine.commands import override
 from trainlab.engine.config import check_command_line
 from trainlab.engine.errors import exit_on_user_error
@@ -51,7 +51,8 @@ def run(entry: str, hydra_main: Callable[[], Any], sweeps: bool = True) -> None:
         stop = error if isinstance(error, stopping.Stopped) else stopping.unreported()
         if stop is None:
             if isinstance(error, SystemExit) and error.code == 2:  # refused inside Hydra
-                run_dirs.remove_unless_kept(prepared.created)  # nothing worth keeping in it
+                discard = errors.printed is not None and errors.printed.discard
+                run_dirs.remove_unless_kept(prepared.created, trained_counts=not discard)
             raise
         stopping.exit_with(stop, _stopped(entry, stop, prepared))
     finally:

@@ -10,11 +10,24 @@ class UserError(Exception):
     """A problem with the command, the config or the files that the user can fix.
 
     The message says what is wrong and what to do; the entry points print it and exit 2.
+    `discard=True` says the run's steps are no use (it trained, but not as the command meant,
+    e.g. toward a metric the model never logs): its directory goes unless it holds a checkpoint.
     """
+
+    def __init__(self, message: str, discard: bool = False):
+        super().__init__(message)
+        self.discard = discard
+
+
+# The last UserError exit_with printed: the command line (engine.cli) reads whether its run's
+# directory is to be discarded once Hydra has returned.
+printed: UserError | None = None
 
 
 def exit_with(error: UserError) -> None:
     """Print a UserError as one paragraph and exit 2 (or re-raise it under HYDRA_FULL_ERROR=1)."""
+    global printed
+    printed = error
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
     message = str(error)

@@ -125,10 +125,11 @@ def _check_free_space(path: Path, key: str) -> None:
         )
 
 
-def remove_unless_kept(created: list[Path]) -> None:
+def remove_unless_kept(created: list[Path], trained_counts: bool = True) -> None:
     """After a command that a UserError stopped: remove the directories it created (`created`,
     deepest first, the run's or sweep's own first) where they hold no work: no checkpoint,
-    and no record of a trained step. Parents go only where empty: others may share them."""
+    and no record of a trained step (unless `trained_counts` is False: steps that trained as
+    the command did not mean). Parents go only where empty: others may share them."""
     import json
 
     if not created or not created[0].is_dir():
@@ -136,7 +137,7 @@ def remove_unless_kept(created: list[Path]) -> None:
     run = created[0]
     if any(run.rglob("*.ckpt")):
         return
-    for record in run.rglob("metrics.json"):
+    for record in run.rglob("metrics.json") if trained_counts else ():
         try:
             if json.loads(record.read_text()).get("steps"):
                 return

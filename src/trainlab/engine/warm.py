@@ -44,8 +44,6 @@ PRELOAD = (
     "torchmetrics",
     "sklearn.datasets",  # the digits
     "sklearn.model_selection",
-    "matplotlib.figure",  # the confusion matrices
-    "matplotlib.backends.backend_agg",
     "rich.syntax",  # the printed config
     "rich.tree",
     "hydra._internal.hydra",

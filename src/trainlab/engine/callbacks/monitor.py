@@ -33,7 +33,8 @@ class Best(pl.Callback):
             raise UserError(
                 f"monitor.metric={self.metric} was not logged by validation (the metrics logged "
                 f"so far: {', '.join(sorted(logged))}): set monitor.metric to one of them, and "
-                "monitor.mode to min or max as lower or higher is better."
+                "monitor.mode to min or max as lower or higher is better.",
+                discard=True,  # no best was ever known: nothing of the run is worth resuming
             )
         self.update(trainer)
 

@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ def test_grid_runs_each_job_in_its_own_directory_and_process(grid):
         seen.add(frozenset(record["overrides"]))
         # one W&B run per job, not every job in the first one
         assert len(list((job / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+        # each records the packages it runs (read once by the fork server, which jobs share)
+        (requirements,) = (job / "wandb").glob("offline-run-*/files/requirements.txt")
+        assert f"torch=={version('torch')}" in requirements.read_text().split()
     assert seen == {
         frozenset({f"optimizer.lr={lr}", f"data.batch_size={bs}", "debug=limit"})
         for lr in ("0.001", "0.01")

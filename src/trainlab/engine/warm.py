@@ -386,7 +386,19 @@ def _preload() -> None:
     with contextlib.suppress(Exception):
         config.check_values(config.compose("train", []))
     config.forget_compositions()  # they hold this process's cwd and time: each job composes anew
+    _snapshot_installed_packages()
     logging.getLogger().removeHandler(placeholder)
+
+
+def _snapshot_installed_packages() -> None:
+    """wandb.init records the installed packages (the run's requirements.txt) by reading every
+    package's metadata: about 0.6 s a job. Jobs run the code this process imported, so the
+    packages installed now are the ones they run: read once here, and handed to each job."""
+    with contextlib.suppress(Exception):  # W&B missing, or laid out otherwise: each job reads
+        import wandb.util
+
+        installed = list(wandb.util.working_set())
+        wandb.util.working_set = lambda: iter(installed)
 
 
 def _reap(sock: socket.socket) -> None:

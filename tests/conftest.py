@@ -29,17 +29,34 @@ for var, sub in (
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+_composed: dict[tuple, object] = {}  # (config, overrides) -> composed, paths left to each test
+
+
 @pytest.fixture
 def compose(tmp_path):
-    """compose(*overrides, config="train") -> DictConfig with data and logs inside tmp_path."""
+    """compose(*overrides, config="train") -> DictConfig with data and logs inside tmp_path.
+
+    Each config is composed once per test process (about 0.6 s a time here), and each test gets
+    a copy with its own paths: they are set after composing, which is what composing them does,
+    as the configs only refer to them (`${paths.data_dir}`), resolved when read."""
+    import copy
+
     from hydra import initialize_config_dir
 
     from trainlab.engine.config import CONF_DIR, compose_with_parameters
 
     def _compose(*overrides: str, config: str = "train"):
-        base = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="test"):
-            return compose_with_parameters(config, base + list(overrides))
+        key = (config, overrides)
+        if key not in _composed:
+            with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="test"):
+                _composed[key] = compose_with_parameters(config, list(overrides))
+        cfg = copy.deepcopy(_composed[key])
+        for name, path in (("data_dir", tmp_path / "data"), ("log_dir", tmp_path / "logs")):
+            if "paths" in cfg and not any(
+                o.lstrip("+").startswith(f"paths.{name}=") for o in overrides
+            ):
+                cfg.paths[name] = str(path)
+        return cfg
 
     return _compose
 
@@ -52,9 +69,9 @@ def child_env(**extra: str) -> dict[str, str]:
 
 # Runs of `python -m trainlab.<entry point>` fork from one warm server (engine.warm) that has
 # imported torch, Lightning and the project once for the whole session: each is still a process
-# of its own (own pid, session, signals, exit code) and skips ~5 s of imports. A run with an
-# environment of its own (`env=`), or `cold=True` (what a fresh interpreter does is the point),
-# starts a fresh interpreter; TRAINLAB_TESTS_COLD=1 starts every run so.
+# of its own (own pid, session, environment, signals, exit code) and skips ~5 s of imports. A
+# run with `cold=True` (what a fresh interpreter does is the point, or a variable read at
+# import) starts a fresh interpreter; TRAINLAB_TESTS_COLD=1 starts every run so.
 _server = None  # trainlab.engine.warm.Server once started; False where runs start cold
 _outputs = Path(tempfile.mkdtemp(prefix="trainlab-tests-"))  # the warm runs' stdout and stderr
 atexit.register(shutil.rmtree, _outputs, ignore_errors=True)
@@ -115,13 +132,14 @@ def start_cli(
     new_session: bool = False,
 ) -> subprocess.Popen | WarmProcess:
     """Start `python -m <module> <args>` as a user would, stdout and stderr captured as text:
-    forked by the warm server (in a session of its own), or with this interpreter anew (cold,
-    or `env` added; `new_session` as a terminal starts a command)."""
-    server = None if cold or env else _warm_server()
+    forked by the warm server (in a session of its own), or with this interpreter anew (cold;
+    `new_session` as a terminal starts a command); `env` is added to this one's environment."""
+    server = None if cold else _warm_server()
     if server is not None:
         out = Path(tempfile.mkdtemp(dir=_outputs))
         stdout, stderr = out / "stdout", out / "stderr"
-        job = server.start(module, list(args), child_env(), str(cwd), str(stdout), str(stderr))
+        environment = child_env(**(env or {}))
+        job = server.start(module, list(args), environment, str(cwd), str(stdout), str(stderr))
         if job is not None:
             proc = WarmProcess(job, stdout, stderr)
             proc.args = [sys.executable, "-m", module, *args]

@@ -309,7 +309,8 @@ def test_a_forks_net_trains_with_lists_of_widths_and_negative_dims(tmp_path):
         f"paths.log_dir={logs}",
     ]
     env = {"PYTHONPATH": str(fork / "src")}
-    bad = run_cli("trainlab.train", *run, "model.net.layers=abc", cwd=tmp_path, env=env)
+    # cold: a fresh interpreter reads the fork from its PYTHONPATH
+    bad = run_cli("trainlab.train", *run, "model.net.layers=abc", cwd=tmp_path, env=env, cold=True)
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.strip().splitlines() == [
         "error: 'model.net.layers' takes a list, each an integer (`layers: list[int]` in "
@@ -318,7 +319,7 @@ def test_a_forks_net_trains_with_lists_of_widths_and_negative_dims(tmp_path):
     assert not logs.exists()
 
     args = [*run, "model.net.layers=[128,64]", "model.net.dim=-3"]
-    result = run_cli("trainlab.train", *args, cwd=tmp_path, env=env)
+    result = run_cli("trainlab.train", *args, cwd=tmp_path, env=env, cold=True)
     assert result.returncode == 0, result.stderr
     (record,) = [json.loads(p.read_text()) for p in logs.rglob("metrics.json")]
     assert record["status"] == "finished" and record["steps"] == 4

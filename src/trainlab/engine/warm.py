@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -437,6 +438,7 @@ def run_job(job: dict[str, Any]) -> None:
     os.environ.clear()
     os.environ.update({**job["env"], **imported})  # e.g. Lightning's NVML check, set at import
     os.environ[PARENT_ENV] = str(job["server"])  # its jobs' parent: they stop when the server dies
+    tempfile.tempdir = None  # read from the job's TMPDIR when first asked, as in a fresh process
     global this_job
     this_job = job
     sys.argv = [job["module"], *job["args"]]

@@ -171,3 +171,35 @@ def test_several_values_without_m_is_refused_before_anything_starts(tmp_path):
         result.stderr
     )
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["debug=limit", "optimizer.lr=0.01"],
+        ["model=cnn", "data.per_device=true", "hydra.job.chdir=false", "seed=3"],
+        ["-m", "optimizer.lr=1e-3,1e-2", "data.batch_size=64", "hydra/launcher=process"],
+        ["experiment=digits_cnn", "hydra.run.dir=runs/${hydra.job.override_dirname}"],
+    ],
+    ids=["keys", "parameter-and-hydra-keys", "sweep", "dir-named-by-overrides"],
+)
+def test_the_check_hands_the_run_directory_what_composing_gives(tmp_path, monkeypatch, argv):
+    """The run directory is chosen from the config the check built (one composition fewer a
+    run): it must be the config Hydra's compose gives for the same command line, records and
+    all."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from trainlab.engine import config, run_dirs
+
+    monkeypatch.chdir(tmp_path)
+    config.forget_compositions()
+    checked = config.check_command_line("train", argv)
+    with monkeypatch.context() as patched:  # handed over, not composed again
+        patched.setattr(hydra, "compose", lambda *a, **k: pytest.fail("composed again"))
+        handed = run_dirs.compose("train", [a for a in checked if not a.startswith("-")])
+    config.forget_compositions()
+    composed = run_dirs.compose("train", [a for a in checked if not a.startswith("-")])
+    config.forget_compositions()
+    assert OmegaConf.to_container(handed) == OmegaConf.to_container(composed)
+    assert str(handed.hydra.run.dir) == str(composed.hydra.run.dir)

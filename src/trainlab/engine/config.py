@@ -347,18 +347,53 @@ def check_command_line(config_name: str, argv: list[str]) -> list[str]:
         for other in options[1:]
     ]
     parameters_set: list[str] = []  # overrides of constructor parameters that no YAML writes
+    whole = None
     for n, groups in enumerate(variants):
         base = compose(config_name, groups, hydra=True)
         if n == 0:
             _refuse_intervals_without_search(overrides, base)
         try:
-            parameters_set += _check_key_overrides(base, key_overrides, hydra_overrides)
+            found, full = _check_key_overrides(base, key_overrides, hydra_overrides)
         except UserError as e:
             if not swept_groups:
                 raise
             which = " ".join(groups[i].lstrip("+") for i in swept_groups)
             raise UserError(f"in the jobs with {which}: {e}") from None
-    return [f"++{arg}" if arg in parameters_set else arg for arg in argv]
+        parameters_set += found
+        if n == 0 and not swept_groups and not any(o.is_delete() for o in overrides):
+            whole = full  # what composing the whole command line gives, but Hydra's records
+    argv = [f"++{arg}" if arg in parameters_set else arg for arg in argv]
+    if whole is not None:
+        _remember_as_composed(config_name, argv, whole)
+    return argv
+
+
+def _remember_as_composed(config_name: str, argv: list[str], cfg: Any) -> None:
+    """Keep the config the check built (the groups composed, the key overrides applied as Hydra
+    applies them) as compose's answer for the whole command line, once Hydra's records of that
+    command line are set in it as Hydra's compose sets them (hydra.overrides, and
+    hydra.job.override_dirname, which a run directory's name may use). The run directory's
+    compose (run_dirs.compose) then costs nothing: about 0.3 s of each run's start."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    single = [o for o in parsed if not o.is_sweep_override()]
+    task = [o for o in single if not o.is_hydra_override()]
+    names = cfg.hydra.job.config.override_dirname
+    with open_dict(cfg.hydra):
+        cfg.hydra.overrides.task = [o.input_line for o in task]
+        cfg.hydra.overrides.hydra = [o.input_line for o in single if o.is_hydra_override()]
+        cfg.hydra.job.override_dirname = get_overrides_dirname(
+            overrides=task,
+            kv_sep=names.kv_sep,
+            item_sep=names.item_sep,
+            exclude_keys=names.exclude_keys,
+        )
+    _composed[(config_name, tuple(o.input_line for o in single), True)] = cfg
 
 
 def _refuse_intervals_without_search(overrides: list[Any], cfg: Any) -> None:
@@ -374,9 +409,12 @@ def _refuse_intervals_without_search(overrides: list[Any], cfg: Any) -> None:
         )
 
 
-def _check_key_overrides(base: Any, key_overrides: list[Any], hydra_overrides: list[Any]) -> list:
+def _check_key_overrides(
+    base: Any, key_overrides: list[Any], hydra_overrides: list[Any]
+) -> tuple[list, Any]:
     """Check the key overrides against one composed config; the input lines of those that set
-    a constructor parameter no YAML file writes (to be marked `++`)."""
+    a constructor parameter no YAML file writes (to be marked `++`), and the config with every
+    override applied."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     tree = {k: v for k, v in _to_tree(base).items() if k != "hydra"}
@@ -409,8 +447,7 @@ def _check_key_overrides(base: Any, key_overrides: list[Any], hydra_overrides: l
         parser.parse_override(f"++{o.input_line}") if o.input_line in parameters_set else o
         for o in key_overrides
     ]
-    _check_whole_config(base, key_overrides + hydra_overrides)
-    return parameters_set
+    return parameters_set, _check_whole_config(base, key_overrides + hydra_overrides)
 
 
 def _package(o: Any) -> str:
@@ -1049,10 +1086,10 @@ def _check_references(cfg: Any, overrides: list[Any]) -> None:
                 continue  # e.g. ${hydra:...}, resolved only inside a run
 
 
-def _check_whole_config(base: Any, overrides: list[Any]) -> None:
+def _check_whole_config(base: Any, overrides: list[Any]) -> Any:
     """Apply the key overrides to the composed config as Hydra does (hydra.* included, sweeps
     aside) and refuse any code in the result that no config file names; then check each value
-    of each sweep as its job will get it."""
+    of each sweep as its job will get it. The config with the overrides applied."""
     import copy
 
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -1077,3 +1114,4 @@ def _check_whole_config(base: Any, overrides: list[Any]) -> None:
     for o in overrides:
         if o.is_sweep_override() and not _is_hydra(o.key_or_group):
             check_sweep_setting(_written_key(o), _values(o), f"'{o.input_line}'", full)
+    return full

@@ -6,7 +6,9 @@ Each round clones this repository's committed HEAD into a temporary directory an
 runs it again with that HOME (warm caches). pip's configuration stays the machine's: the
 user's config directory is passed on as XDG_CONFIG_HOME, since a fresh HOME would hide
 ~/.config/pip/pip.conf and with it the machine's index settings. Everything is deleted at the
-end. Targets: 120 s cold, 30 s warm.
+end. Targets: 120 s cold, 30 s warm. The last column is what every fresh process of the
+environment then pays to import torch and Lightning (with PYTHONDONTWRITEBYTECODE set, as on
+these machines, a set-up that wrote no bytecode would pay compiling them each time).
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def main() -> None:
     rounds = parser.parse_args().rounds
     # CPU seconds tell what wall time would be on an idle machine of this kind, roughly: on a
     # loaded one the wall time grows with the load and says little.
-    print("| round | cold s (CPU s) | warm s (CPU s) | load average |")
-    print("| ---: | ---: | ---: | ---: |")
+    print("| round | cold s (CPU s) | warm s (CPU s) | import torch+Lightning s | load average |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
     for r in range(1, rounds + 1):
         work = Path(tempfile.mkdtemp(prefix="setup-time-"))
         try:
@@ -61,10 +63,14 @@ def main() -> None:
             cold = make_setup(clone, home)
             shutil.rmtree(clone / ".venv")
             warm = make_setup(clone, home)
+            started = time.perf_counter()
+            code = "import torch, lightning.pytorch"
+            subprocess.run([clone / ".venv" / "bin" / "python", "-c", code], check=True)
+            imports = time.perf_counter() - started
         finally:
             shutil.rmtree(work, ignore_errors=True)
         cells = " | ".join(f"{wall:.1f} ({used:.1f})" for wall, used in (cold, warm))
-        print(f"| {r} | {cells} | {os.getloadavg()[0]:.1f} |", flush=True)
+        print(f"| {r} | {cells} | {imports:.1f} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

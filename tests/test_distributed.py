@@ -57,6 +57,8 @@ def torchrun_node(cwd: Path, node_rank: int, port: int, *args: str) -> subproces
     )
 
 
+# Each DDP rank beyond the first is a fresh interpreter (about 15 s of imports): in test-all.
+@pytest.mark.slow
 def test_ddp_inside_a_sweep_runs_each_job_once(tmp_path):
     # one job (each job starts its own DDP processes afresh, so more would add only time)
     result = run_cli("trainlab.train", "-m", "optimizer.lr=1e-3", *DDP, "test=false", cwd=tmp_path)

@@ -42,6 +42,8 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted((root / "logs" / "train" / "runs").iterdir())
 
 
+# (test_resume kills runs at two moments in the fast suite; this one compares them to the bit)
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     straight = tmp_path / "straight"
     result = run_cli(
@@ -103,6 +105,7 @@ for step in range(5000, 10**9):
 """
 
 
+@pytest.mark.slow
 def test_metrics_csv_keeps_every_row_when_killed_while_adding_a_column(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-c", REWRITING, str(tmp_path)], stdout=subprocess.PIPE, text=True

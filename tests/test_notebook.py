@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# A kernel of its own imports torch afresh and runs the notebook: about 18 s, in `make test-all`.
+pytestmark = pytest.mark.slow
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")

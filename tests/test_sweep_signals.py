@@ -2,7 +2,7 @@
 
 Real processes and real signals throughout, on 4-job grids over trainer.max_epochs run two
 jobs at a time, so that the moment of the signal is certain whatever the machine's load:
-with `2,3,40,41`, #0 and #1 have finished once #2 and #3 have saved a checkpoint; with
+with `2,3,16,17`, #0 and #1 have finished once #2 and #3 have saved a checkpoint; with
 `40,41,42,43`, #2 and #3 have not started when #0 and #1 have.
 """
 
@@ -24,7 +24,7 @@ from hydra_plugins.trainlab_sweeps.process_launcher import PARENT_ENV, launcher_
 from trainlab.engine.commands import override
 from trainlab.engine.compare import compare
 
-TWO_DONE = "trainer.max_epochs=2,3,40,41"
+TWO_DONE = "trainer.max_epochs=2,3,16,17"
 NONE_DONE = "trainer.max_epochs=40,41,42,43"
 SWEEP = (
     "-m",

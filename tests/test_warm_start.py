@@ -26,8 +26,10 @@ def metrics(cwd: Path, job: dict) -> dict:
 
 
 # A sweep started from a terminal (cold) starts its server as `python -m trainlab.engine.warm`; one
-# that a warm server forked, as the other tests' sweeps are, forks its server from itself.
-@pytest.mark.parametrize("cold", [True, pytest.param(False, marks=pytest.mark.slow)])
+# that a warm server forked, as the other tests' sweeps are, forks its server from itself. The
+# cold one pays two fresh interpreters' imports (about 20 s): in test-all (and a cold sweep's
+# start is in test_sweep_signals' Ctrl-C while its server imports).
+@pytest.mark.parametrize("cold", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_warm_jobs_are_processes_of_their_own(tmp_path, cold):
     # three jobs of one setting, without a seed: each must draw its own initial weights
     args = ("-m", "seed=null", "optimizer.lr=1e-3,0.001,1e-3", *FAST)

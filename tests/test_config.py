@@ -1,6 +1,7 @@
 """Every option of every config group composes, passes the checks, and instantiates."""
 
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -243,3 +244,36 @@ def test_a_resumed_run_compares_parameters_no_yaml_writes_with_their_defaults(co
     stored["data"]["per_device"] = False  # what configs wrote before: the default
     stored["data"]["loader"] = "memory"
     assert config_changes(stored, current) == {}
+
+
+def test_each_config_file_is_parsed_once_and_again_when_edited(tmp_path, monkeypatch):
+    """Compositions share what the files parsed to (hydra_plugins' config_files), each getting
+    its own copy; a file edited since is parsed anew."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    parsed = []
+    load = OmegaConf.load
+
+    def counting_load(file):
+        parsed.append(Path(getattr(file, "name", file)))
+        return load(file)
+
+    monkeypatch.setattr(OmegaConf, "load", counting_load)
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        first = compose("train", ["optimizer=sgd"])
+        ours = [p for p in parsed if p.is_relative_to(conf)]
+        assert conf / "optimizer" / "sgd.yaml" in ours
+        first.optimizer.lr = 123.0  # what a run does to its config stays its own
+        parsed.clear()
+        again = compose("train", ["optimizer=sgd"])
+        assert not [p for p in parsed if p.is_relative_to(conf)]
+        assert again.optimizer.lr != 123.0
+        sgd = conf / "optimizer" / "sgd.yaml"
+        sgd.write_text(sgd.read_text().replace("momentum: 0.9", "momentum: 0.85"))
+        edited = compose("train", ["optimizer=sgd"])
+        assert [p for p in parsed if p.is_relative_to(conf)] == [sgd]
+        assert edited.optimizer.momentum == 0.85

@@ -270,7 +270,7 @@ def test_each_config_file_is_parsed_once_and_again_when_edited(tmp_path, monkeyp
         first.optimizer.lr = 123.0  # what a run does to its config stays its own
         parsed.clear()
         again = compose("train", ["optimizer=sgd"])
-        assert not [p for p in parsed if p.is_relative_to(conf)]
+        assert not parsed  # neither these files nor Hydra's own, in its package
         assert again.optimizer.lr != 123.0
         sgd = conf / "optimizer" / "sgd.yaml"
         sgd.write_text(sgd.read_text().replace("momentum: 0.9", "momentum: 0.85"))

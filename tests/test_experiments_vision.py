@@ -68,6 +68,8 @@ def train_losses(run_dir: Path) -> list[float]:
 # --- every experiment through a real Trainer ---------------------------------------------------
 
 
+# (test_tensorboard runs every experiment to its curves and metrics in the fast suite)
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_dev_run_logs_to_tensorboard(compose, tiny, tmp_path, experiment):
     data, _ = EXPERIMENTS[experiment]

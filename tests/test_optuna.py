@@ -97,6 +97,7 @@ def test_the_study_follows_the_monitor(tmp_path):
     assert record["monitor"]["metric"] == "val/loss" and record["monitor"]["best"] == trial.value
 
 
+@pytest.mark.slow
 def test_the_direction_follows_monitor_mode_unless_set(tmp_path):
     def dry_run(*args):
         return run_cli("trainlab.train", "-m", *SEARCH, *args, "--dry-run", cwd=tmp_path)

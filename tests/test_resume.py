@@ -92,6 +92,7 @@ def kill_late_and_resume(tmp_path: Path, epochs: int, kill_at_epoch: int) -> Non
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
 
 
+@pytest.mark.slow
 def test_killed_late_then_resumed_continues_from_its_last_step(tmp_path):
     kill_late_and_resume(tmp_path, epochs=4, kill_at_epoch=1)
 

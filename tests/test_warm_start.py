@@ -70,6 +70,7 @@ def test_warm_false_starts_each_job_cold(tmp_path):
     assert job["start"] == "cold" and job["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_job_that_crashes_leaves_the_others_finished(tmp_path):
     """#1 dies of a segmentation fault mid-run; #0 finished before it, #2 starts after it from
     the same server."""

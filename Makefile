@@ -14,12 +14,14 @@ setup: $(READY)
 
 # uv installs the lock in seconds once its cache is warm (tools/uv_install.py: uv from PATH or
 # installed into .venv, with pip's index settings); pip, several times slower, if uv fails.
-# --compile-bytecode, as pip does by default (about 40 s on two cores): where
-# PYTHONDONTWRITEBYTECODE is set, as on the machines this project is tested on, Python never
-# caches what it compiles, and every run would compile torch anew (28 s to import, not 12).
+# Where PYTHONDONTWRITEBYTECODE is set (as on the machines this project is tested on), Python
+# never caches what it compiles, and every process would compile torch anew (28 s to import
+# torch and Lightning instead of 12): uv then writes the bytecode at install, as pip always
+# does (about 35 s more on two cores). Elsewhere Python caches it on first use.
+COMPILE := $(if $(PYTHONDONTWRITEBYTECODE),--compile-bytecode)
 $(READY): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	if $(BIN)/python tools/uv_install.py $(PIP_ARGS) --compile-bytecode -r requirements.lock \
+	if $(BIN)/python tools/uv_install.py $(PIP_ARGS) $(COMPILE) -r requirements.lock \
 		&& $(BIN)/python tools/uv_install.py --no-deps --no-build-isolation -e .; then :; else \
 		echo "uv failed: installing with pip instead"; \
 		$(BIN)/python -m pip install --quiet --progress-bar off $(PIP_ARGS) -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }; \

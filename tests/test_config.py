@@ -1,6 +1,5 @@
 """Every option of every config group composes, passes the checks, and instantiates."""
 
-import functools
 from pathlib import Path
 
 import pytest
@@ -57,14 +56,6 @@ def check_output_shape(model, cfg) -> None:
         out = model(torch.zeros(2, *cfg.data.input_shape))
         width = 1 if isinstance(model, BinaryClassifier) else cfg.data.num_classes
         assert out.reshape(2, -1).shape == (2, width)
-
-
-@functools.cache
-def default_config():
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("train")
 
 
 def written(node) -> object:
@@ -124,7 +115,7 @@ def test_option_composes_and_instantiates(compose, tmp_path, group, option):
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
         assert trainer.fast_dev_run == cfg.trainer.get("fast_dev_run", False)
 
-    if group != "logger" and written(cfg.logger) == written(default_config().logger):
+    if group != "logger" and written(cfg.logger) == written(compose().logger):
         return  # the default loggers, built by the logger=... cases
     try:
         loggers = build_loggers(cfg, tmp_path)

@@ -59,6 +59,17 @@ def _shade(share: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * share) for a, b in zip(_LIGHT, _DARK, strict=True))
 
 
+def _upward(text: str, length: int, font, anchor: str = "mm"):
+    """`text` on a white strip `length` px long, turned to read upward: centred, or ending at
+    the strip's end (anchor "rm", so that names of any length end at the grid)."""
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (length, 16), "white")
+    at = (length - 2, 8) if anchor == "rm" else (length // 2, 8)
+    ImageDraw.Draw(strip).text(at, text, fill="black", font=font, anchor=anchor)
+    return strip.rotate(90, expand=True)
+
+
 def draw(counts, classes: list[str], title: str):
     """The matrix as an RGB array: counts in the cells, shaded by the share of each true class,
     classes named along both sides, and a scale of the shading.
@@ -95,13 +106,10 @@ def draw(counts, classes: list[str], title: str):
         middle = top + k * cell + cell // 2
         pen.text((left - 6, middle), name, fill="black", font=font, anchor="rm")
         # a predicted class's name reads upward below its column
-        text = Image.new("RGB", (name_width + 2, 16), "white")
-        ImageDraw.Draw(text).text((name_width, 8), name, fill="black", font=font, anchor="rm")
-        image.paste(text.rotate(90, expand=True), (left + k * cell + cell // 2 - 8, top + grid + 6))
+        upward = _upward(name, name_width + 2, font, anchor="rm")
+        image.paste(upward, (left + k * cell + cell // 2 - 8, top + grid + 6))
     pen.text((left + grid // 2, bottom - 12), "predicted", fill="black", font=font, anchor="mm")
-    side = Image.new("RGB", (40, 16), "white")
-    ImageDraw.Draw(side).text((20, 8), "true", fill="black", font=font, anchor="mm")
-    image.paste(side.rotate(90, expand=True), (6, top + grid // 2 - 20))
+    image.paste(_upward("true", 40, font), (6, top + grid // 2 - 20))
     # the scale: the share of the true class, 0 at the bottom, 1 at the top
     x = left + grid + 20
     for y in range(grid):
@@ -109,7 +117,5 @@ def draw(counts, classes: list[str], title: str):
     pen.rectangle((x, top, x + 14, top + grid), outline="black")
     pen.text((x + 18, top), "1", fill="black", font=font, anchor="lt")
     pen.text((x + 18, top + grid), "0", fill="black", font=font, anchor="lb")
-    scale = Image.new("RGB", (150, 16), "white")
-    ImageDraw.Draw(scale).text((75, 8), "share of true class", fill="black", font=font, anchor="mm")
-    image.paste(scale.rotate(90, expand=True), (x + 34, top + grid // 2 - 75))
+    image.paste(_upward("share of true class", 150, font), (x + 34, top + grid // 2 - 75))
     return np.asarray(image).copy()
